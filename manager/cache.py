@@ -1,0 +1,151 @@
+"""The shared, module-level model cache: one copy of each base model per process.
+
+Keyed by the frozen ModelSpec. Least-recently-used models are evicted when
+the byte budget is exceeded, and an evicted model really lets go of its
+weights (its pipeline components are dropped), so memory returns even if a
+stale TURBO_MODEL reference is still held somewhere (ComfyUI's output cache,
+for example). Holders call :func:`ensure_loaded` to get a live model back.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+
+from .model import TurboModel
+from .spec import ModelSpec
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BUDGET = int(float(os.environ.get("TURBOBOOTH_CACHE_GB", "48")) * 2**30)
+
+
+class ModelCache:
+    def __init__(self, budget_bytes: int = DEFAULT_BUDGET, loader: Callable[[ModelSpec], TurboModel] | None = None):
+        self.budget = int(budget_bytes)
+        self._loader = loader
+        self._items: OrderedDict[ModelSpec, TurboModel] = OrderedDict()
+        self._lock = threading.RLock()
+        self._listeners: list[Callable[[TurboModel], None]] = []
+        self.loads = 0
+
+    def _load(self, spec: ModelSpec) -> TurboModel:
+        if self._loader is not None:
+            return self._loader(spec)
+        from .loading import load_model
+
+        return load_model(spec)
+
+    def get(self, spec: ModelSpec) -> TurboModel:
+        """The cached model for ``spec``; loads it on a miss."""
+        with self._lock:
+            model = self._items.get(spec)
+            if model is not None:
+                self._items.move_to_end(spec)
+                return model
+            model = self._load(spec)
+            self.loads += 1
+            self._items[spec] = model
+            self._evict_over_budget(keep=spec)
+            return model
+
+    def peek(self, spec: ModelSpec) -> TurboModel | None:
+        with self._lock:
+            return self._items.get(spec)
+
+    def __contains__(self, spec: ModelSpec) -> bool:
+        with self._lock:
+            return spec in self._items
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+    @property
+    def total_bytes(self) -> int:
+        with self._lock:
+            return sum(m.nbytes for m in self._items.values())
+
+    def on_release(self, listener: Callable[[TurboModel], None]) -> None:
+        """Call ``listener(model)`` whenever a model leaves the cache."""
+        self._listeners.append(listener)
+
+    def _evict_over_budget(self, keep: ModelSpec) -> None:
+        while self.total_bytes > self.budget and len(self._items) > 1:
+            oldest = next(iter(self._items))
+            if oldest == keep:
+                break
+            self.release(oldest)
+
+    def release(self, spec: ModelSpec) -> bool:
+        """Drop one model and free its weights. Returns whether it was cached."""
+        with self._lock:
+            model = self._items.pop(spec, None)
+        if model is None:
+            return False
+        _free(model)
+        for listener in list(self._listeners):
+            try:
+                listener(model)
+            except Exception:  # a listener must never break unloading
+                logger.exception("model release listener failed")
+        return True
+
+    def clear(self) -> int:
+        """Release every model (ComfyUI's "Free model and node cache")."""
+        with self._lock:
+            specs = list(self._items)
+        for spec in specs:
+            self.release(spec)
+        return len(specs)
+
+    def set_budget(self, budget_bytes: int) -> None:
+        with self._lock:
+            self.budget = int(budget_bytes)
+            if self._items:
+                self._evict_over_budget(keep=next(reversed(self._items)))
+
+
+def _free(model: TurboModel) -> None:
+    import torch
+
+    pipe = model.pipe
+    model.extras.clear()
+    model.extras["released"] = True
+    if pipe is not None:
+        try:
+            pipe.maybe_free_model_hooks()
+        except Exception:  # offload hooks may be absent
+            pass
+        for name in list(getattr(pipe, "components", {})):
+            setattr(pipe, name, None)
+    model.pipe = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    logger.info("released %r", model)
+
+
+CACHE = ModelCache()
+
+
+def get_model(spec: ModelSpec) -> TurboModel:
+    return CACHE.get(spec)
+
+
+def is_released(model: TurboModel) -> bool:
+    return model.pipe is None or bool(model.extras.get("released"))
+
+
+def ensure_loaded(model: TurboModel) -> TurboModel:
+    """Return a live model for ``model``'s spec, reloading it if it was released meanwhile."""
+    if not is_released(model):
+        return model
+    if model.extras.get("not_cached"):
+        raise RuntimeError("this fine-tuned model was freed; run the training node again")
+    logger.info("model %s was freed; loading it again", model.spec.source)
+    return CACHE.get(model.spec)

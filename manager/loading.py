@@ -1,0 +1,344 @@
+"""Loading models from every source a ComfyUI user has.
+
+Sources: a diffusers folder (ComfyUI's ``models/diffusers/<name>``), a Hugging
+Face repo id at a revision (through huggingface_hub's cache, honouring
+``HF_HUB_OFFLINE`` and ``HF_TOKEN``), ComfyUI's split Z-Image files, and SD1.x
+single-file checkpoints. Only safetensors are ever deserialised.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+
+from .errors import ModelSourceError, UnsafeFileError, WrongFamilyError
+from .model import TurboModel
+from .spec import ModelSpec
+
+logger = logging.getLogger(__name__)
+
+PIPELINE_FAMILIES = {
+    "ZImagePipeline": "zimage",
+    "ZImageImg2ImgPipeline": "zimage",
+    "ZImageInpaintPipeline": "zimage",
+    "StableDiffusionPipeline": "sd1",
+    "StableDiffusionImg2ImgPipeline": "sd1",
+    "StableDiffusionInpaintPipeline": "sd1",
+}
+REQUIRED_COMPONENTS = {
+    "zimage": ("transformer", "text_encoder", "tokenizer", "vae", "scheduler"),
+    "sd1": ("unet", "text_encoder", "tokenizer", "vae", "scheduler"),
+}
+WEIGHTED_COMPONENTS = ("transformer", "unet", "text_encoder", "vae")
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model"]
+FAMILY_LABELS = {"zimage": "Z-Image", "sd1": "Stable Diffusion 1.x"}
+
+
+def resolve_torch_dtype(name: str, device: str):
+    """Map a dtype choice to (compute dtype, fp8 storage dtype or None)."""
+    import torch
+
+    if name == "auto":
+        if device.startswith("cuda") and torch.cuda.is_available():
+            return (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16), None
+        return torch.float32, None
+    if name.startswith("fp8"):
+        storage = torch.float8_e4m3fn if name == "fp8_e4m3fn" else torch.float8_e5m2
+        compute = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        return compute, storage
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name], None
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelSourceError(f"device {device!r} was requested but no CUDA device is available; use 'auto' or 'cpu'")
+    return device
+
+
+def check_safetensors(path: str) -> None:
+    """Refuse pickles; make sure a safetensors file is whole before anything loads it."""
+    if not os.path.isfile(path):
+        raise ModelSourceError(f"model file not found: {path}")
+    lower = path.lower()
+    if lower.endswith(PICKLE_SUFFIXES):
+        raise UnsafeFileError(
+            f"{path} is a pickle checkpoint; TurboBooth loads only .safetensors files because pickle files can run "
+            "arbitrary code. Convert it to safetensors or download the .safetensors version."
+        )
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if head[:2] == b"PK" or head[:1] == b"\x80":
+                raise UnsafeFileError(
+                    f"{path} is a pickle/zip checkpoint despite its name; only real safetensors files are loaded"
+                )
+            if len(head) < 8:
+                raise ModelSourceError(f"{path} is empty or truncated ({size} bytes); re-download it")
+            n = int.from_bytes(head, "little")
+            if n <= 1 or 8 + n > size:
+                raise ModelSourceError(
+                    f"{path} is corrupt or truncated: its header claims {n} bytes but the file has {size}; re-download it"
+                )
+            header = json.loads(f.read(n))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ModelSourceError(f"{path} is not a valid safetensors file (unreadable header); re-download it") from e
+    end = 0
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not offsets or len(offsets) != 2:
+            raise ModelSourceError(f"{path} is not a valid safetensors file (tensor {key!r} has no offsets)")
+        end = max(end, int(offsets[1]))
+    if 8 + n + end > size:
+        raise ModelSourceError(
+            f"{path} is truncated: tensors need {8 + n + end} bytes but the file has {size}; re-download it"
+        )
+
+
+def _component_weights(folder: str, component: str) -> list[str]:
+    sub = os.path.join(folder, component)
+    if not os.path.isdir(sub):
+        return []
+    return sorted(os.path.join(sub, f) for f in os.listdir(sub) if not f.startswith("."))
+
+
+def inspect_diffusers_folder(folder: str, expected_family: str = "auto") -> str:
+    """Check a diffusers folder and return its family, with errors that say what is wrong."""
+    index = os.path.join(folder, "model_index.json")
+    if not os.path.isdir(folder):
+        raise ModelSourceError(
+            f"model folder not found: {folder}. Expected a diffusers folder with model_index.json "
+            "(in ComfyUI: models/diffusers/<name>), a Hugging Face repo id, or a .safetensors file"
+        )
+    if not os.path.isfile(index):
+        raise ModelSourceError(
+            f"{folder} has no model_index.json, so it is not a diffusers model folder. "
+            "For ComfyUI split files choose 'split files'; for one .safetensors checkpoint choose 'single file'"
+        )
+    try:
+        with open(index, encoding="utf-8") as f:
+            info = json.load(f)
+    except ValueError as e:
+        raise ModelSourceError(f"{index} is not valid JSON: {e}") from e
+    cls = info.get("_class_name", "")
+    family = PIPELINE_FAMILIES.get(cls)
+    if family is None:
+        raise WrongFamilyError(
+            f"{folder} holds a {cls or 'unknown'} model; TurboBooth runs Z-Image (ZImagePipeline) and "
+            "Stable Diffusion 1.x (StableDiffusionPipeline)"
+        )
+    if family == "sd1":
+        unet_cfg = os.path.join(folder, "unet", "config.json")
+        if os.path.isfile(unet_cfg):
+            with open(unet_cfg, encoding="utf-8") as f:
+                cross = json.load(f).get("cross_attention_dim")
+            if isinstance(cross, int) and cross in (1024, 2048):
+                raise WrongFamilyError(
+                    f"{folder} is a Stable Diffusion 2.x/XL-style model (cross_attention_dim={cross}); only SD1.x is supported"
+                )
+    if expected_family != "auto" and family != expected_family:
+        raise WrongFamilyError(
+            f"{folder} is a {FAMILY_LABELS[family]} model but {FAMILY_LABELS[expected_family]} was requested; "
+            "set family to 'auto' or pick the matching model"
+        )
+    for comp in REQUIRED_COMPONENTS[family]:
+        if comp not in info or not os.path.isdir(os.path.join(folder, comp)):
+            raise ModelSourceError(
+                f"{folder} is missing the '{comp}' component that a {FAMILY_LABELS[family]} model needs; "
+                "the download is incomplete"
+            )
+    for comp in WEIGHTED_COMPONENTS:
+        if comp not in info:
+            continue
+        files = _component_weights(folder, comp)
+        safes = [f for f in files if f.endswith(".safetensors")]
+        pickles = [f for f in files if f.lower().endswith(PICKLE_SUFFIXES)]
+        if not safes and pickles:
+            raise UnsafeFileError(
+                f"{os.path.join(folder, comp)} has only pickle weights ({os.path.basename(pickles[0])}); "
+                "TurboBooth loads only .safetensors. Download the safetensors variant."
+            )
+        if not safes:
+            raise ModelSourceError(f"{os.path.join(folder, comp)} has no .safetensors weights; the download is incomplete")
+        for f in safes:
+            check_safetensors(f)
+    return family
+
+
+def fingerprint(paths: list[str]) -> str:
+    """Identity of local weights: names, sizes and modification times (no hashing of gigabytes)."""
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        try:
+            st = os.stat(p)
+            h.update(f"{os.path.abspath(p)}|{st.st_size}|{int(st.st_mtime)}".encode())
+        except OSError:
+            h.update(p.encode())
+    return h.hexdigest()[:16]
+
+
+def _folder_weight_files(folder: str) -> list[str]:
+    out = []
+    for comp in WEIGHTED_COMPONENTS:
+        out += [f for f in _component_weights(folder, comp) if f.endswith(".safetensors")]
+    return out
+
+
+def hub_snapshot(repo_id: str, revision: str | None) -> tuple[str, str]:
+    """Resolve a repo id + revision to a local snapshot folder via huggingface_hub's cache.
+
+    Offline (``HF_HUB_OFFLINE=1``) only the local cache is used. The token
+    comes from ``HF_TOKEN`` / the hub login and is never logged.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    revision = revision or "main"
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    try:
+        path = snapshot_download(
+            repo_id=repo_id,
+            revision=revision,
+            allow_patterns=HUB_PATTERNS,
+            local_files_only=offline,
+        )
+    except RevisionNotFoundError as e:
+        raise ModelSourceError(f"revision {revision!r} does not exist in {repo_id}; use a branch, tag or commit of it") from e
+    except GatedRepoError as e:
+        raise ModelSourceError(
+            f"{repo_id} is gated: accept its licence on the Hub and set HF_TOKEN (or run `hf auth login`)"
+        ) from e
+    except RepositoryNotFoundError as e:
+        raise ModelSourceError(
+            f"Hugging Face repo {repo_id!r} was not found (or is private: set HF_TOKEN); check the spelling"
+        ) from e
+    except LocalEntryNotFoundError as e:
+        where = "HF_HUB_OFFLINE is set and" if offline else "the Hub is unreachable and"
+        raise ModelSourceError(
+            f"{repo_id}@{revision} is not available: {where} the local Hugging Face cache has no snapshot of that "
+            "revision. Download it once while online, or pick a cached revision"
+        ) from e
+    except (OSError, ValueError) as e:
+        raise ModelSourceError(f"could not fetch {repo_id}@{revision}: {type(e).__name__}: {e}") from e
+    return path, os.path.basename(os.path.normpath(path))
+
+
+def _load_diffusers(folder: str, family: str, torch_dtype):
+    import diffusers
+
+    cls = diffusers.ZImagePipeline if family == "zimage" else diffusers.StableDiffusionPipeline
+    kwargs = {}
+    if family == "sd1":
+        kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    try:
+        return cls.from_pretrained(folder, torch_dtype=torch_dtype, use_safetensors=True, local_files_only=True, **kwargs)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise ModelSourceError(f"could not load the diffusers model in {folder}: {_explain(e)}") from e
+
+
+def _explain(e: Exception) -> str:
+    text = str(e)
+    if "size mismatch" in text or "shape" in text and "mismatch" in text:
+        return "the weights do not match the model config (a file of another model family or size?). " + text[:300]
+    if "out of memory" in text.lower():
+        return "out of memory: choose fp8/bf16, enable offload, or free models in ComfyUI. " + text[:200]
+    return f"{type(e).__name__}: {text[:500]}"
+
+
+def module_nbytes(pipe) -> int:
+    import torch
+
+    total = 0
+    for comp in pipe.components.values():
+        if isinstance(comp, torch.nn.Module):
+            for t in list(comp.parameters()) + list(comp.buffers()):
+                total += t.numel() * t.element_size()
+    return total
+
+
+def load_model(spec: ModelSpec) -> TurboModel:
+    """Load a model from its spec (uncached; use ``cache.get_model`` for the shared cache)."""
+    import torch
+
+    device = resolve_device(spec.device)
+    torch_dtype, fp8 = resolve_torch_dtype(spec.dtype, device)
+    kind = spec.resolved_kind()
+    revision = spec.revision
+    if kind == "hub":
+        folder, commit = hub_snapshot(spec.source, spec.revision)
+        family = inspect_diffusers_folder(folder, spec.family)
+        pipe = _load_diffusers(folder, family, torch_dtype)
+        identity = f"hub:{spec.source}@{commit}"
+        revision = commit
+    elif kind == "diffusers":
+        folder = os.path.abspath(os.path.expanduser(spec.source))
+        family = inspect_diffusers_folder(folder, spec.family)
+        pipe = _load_diffusers(folder, family, torch_dtype)
+        identity = f"diffusers:{folder}:{fingerprint(_folder_weight_files(folder))}"
+    elif kind == "split":
+        from . import formats
+
+        files = [spec.source, spec.text_encoder, spec.vae]
+        for f in files:
+            check_safetensors(f)
+        if spec.family not in ("auto", "zimage"):
+            raise WrongFamilyError(f"split files are supported for Z-Image only, not {spec.family!r}")
+        pipe = formats.load_zimage_split(spec.source, spec.text_encoder, spec.vae, tokenizer=spec.tokenizer, dtype=torch_dtype)
+        family = "zimage"
+        identity = f"split:{fingerprint(files)}"
+    elif kind == "single_file":
+        from . import formats
+
+        check_safetensors(spec.source)
+        detected = formats.detect_family_from_keys(formats.read_safetensors_keys(spec.source))
+        if detected == "zimage":
+            raise WrongFamilyError(
+                f"{spec.source} is a Z-Image diffusion model file, not a full checkpoint; load it in 'split files' "
+                "mode together with its text encoder and VAE"
+            )
+        if spec.family not in ("auto", "sd1"):
+            raise WrongFamilyError(f"single-file checkpoints are supported for SD1.x only, not {spec.family!r}")
+        pipe = formats.load_sd1_single_file(spec.source, tokenizer=spec.tokenizer, dtype=torch_dtype)
+        family = "sd1"
+        identity = f"single:{fingerprint([spec.source])}"
+    else:  # pragma: no cover - ModelSpec validates kinds
+        raise ModelSourceError(f"unknown source kind {kind!r}")
+
+    if revision:
+        identity += f"@{revision}"
+    if family == "sd1" and getattr(pipe, "safety_checker", None) is not None:
+        pipe.safety_checker = None
+    pipe.set_progress_bar_config(disable=True)
+    denoiser = pipe.transformer if family == "zimage" else pipe.unet
+    if fp8 is not None:
+        denoiser.enable_layerwise_casting(storage_dtype=fp8, compute_dtype=torch_dtype)
+    if spec.offload != "none" and device.startswith("cuda"):
+        if spec.offload == "model":
+            pipe.enable_model_cpu_offload(device=device)
+        else:
+            pipe.enable_sequential_cpu_offload(device=device)
+    else:
+        if spec.offload != "none":
+            logger.warning("offload=%s needs a CUDA device; running on %s without offload", spec.offload, device)
+        pipe.to(device)
+    for comp in pipe.components.values():
+        if isinstance(comp, torch.nn.Module):
+            comp.requires_grad_(False)
+            comp.eval()
+    model = TurboModel(spec=spec, family=family, pipe=pipe, identity=identity, device=device, nbytes=module_nbytes(pipe))
+    logger.info("loaded %s (%s, %.1f MB) from %s", FAMILY_LABELS[family], spec.dtype, model.nbytes / 2**20, spec.source)
+    return model

@@ -1,0 +1,310 @@
+"""Tiny, randomly initialised Z-Image and SD1.x pipelines, built offline.
+
+They have the real architectures (ZImageTransformer2DModel + Qwen3 + a
+16-channel x8 AutoencoderKL; UNet2DConditionModel + CLIP + x8 AutoencoderKL)
+with very small widths, and tokenizers made from a byte vocabulary plus a few
+merges. Everything is deterministic from a seed and needs no network. Tests,
+the demo and the benchmarks use them in place of the multi-gigabyte weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable
+
+logger = logging.getLogger(__name__)
+
+# Qwen3's chat format, written for the tiny tokenizer. ZImagePipeline renders
+# prompts with add_generation_prompt=True and enable_thinking=True.
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "<|im_start|>assistant\n"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}<think>\n\n</think>\n\n{%- endif -%}"
+    "{%- endif -%}"
+)
+
+# A handful of merges so that the tokenizers really merge (common English pairs).
+_MERGE_WORDS = (
+    "a", "the", "of", "photo", "dog", "cat", "sks", "in", "on", "with", "and", "portrait", "person",
+    "red", "blue", "green", "beach", "snow", "city", "style", "high", "quality", "bad", "blurry",
+)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """The byte-level BPE alphabet: every byte maps to a printable character."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _merges_for(words: Iterable[str], prefix: str = "", suffix: str = "") -> list[tuple[str, str]]:
+    """Left-to-right merges that assemble each word (optionally with a space marker or end marker)."""
+    merges: list[tuple[str, str]] = []
+    seen = set()
+    for word in words:
+        symbols = ([prefix] if prefix else []) + list(word)
+        if suffix:
+            symbols[-1] = symbols[-1] + suffix
+        current = symbols[0]
+        for sym in symbols[1:]:
+            pair = (current, sym)
+            if pair not in seen:
+                seen.add(pair)
+                merges.append(pair)
+            current = current + sym
+    return merges
+
+
+def build_qwen_tokenizer():
+    """A Qwen2Tokenizer (byte-level BPE) with Qwen3's special tokens and chat template."""
+    from transformers import Qwen2Tokenizer
+
+    alphabet = _bytes_to_unicode()
+    vocab: dict[str, int] = {}
+    for ch in sorted(alphabet.values()):
+        vocab[ch] = len(vocab)
+    merges = _merges_for(_MERGE_WORDS, prefix="Ġ") + _merges_for(_MERGE_WORDS)
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    tok = Qwen2Tokenizer(
+        vocab=vocab,
+        merges=list(merges),
+        unk_token=None,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+    )
+    tok.add_special_tokens(
+        {"additional_special_tokens": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]}
+    )
+    tok.chat_template = QWEN3_CHAT_TEMPLATE
+    tok.model_max_length = 512
+    return tok
+
+
+def build_clip_tokenizer():
+    """A CLIPTokenizer with a byte alphabet, end-of-word variants and a few merges."""
+    from transformers import CLIPTokenizer
+
+    alphabet = sorted(_bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for ch in alphabet:
+        vocab[ch] = len(vocab)
+    for ch in alphabet:
+        vocab[ch + "</w>"] = len(vocab)
+    merges = _merges_for([w for w in _MERGE_WORDS if len(w) > 1], suffix="</w>")
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    tok = CLIPTokenizer(vocab=vocab, merges=list(merges))
+    tok.model_max_length = 77
+    return tok
+
+
+def _seeded(seed: int):
+    import torch
+
+    torch.manual_seed(seed)
+
+
+def build_tiny_zimage(seed: int = 0):
+    """A ZImagePipeline with the real component classes and tiny widths."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    tokenizer = build_qwen_tokenizer()
+    _seeded(seed)
+    text_encoder = Qwen3Model(
+        Qwen3Config(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=512,
+            rope_theta=1_000_000.0,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=True,
+        )
+    )
+    _seeded(seed + 1)
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=16,
+        dim=64,
+        n_layers=2,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        norm_eps=1e-5,
+        qk_norm=True,
+        cap_feat_dim=32,
+        rope_theta=256.0,
+        t_scale=1000.0,
+        axes_dims=[8, 12, 12],
+        axes_lens=[256, 64, 64],
+    )
+    with torch.no_grad():
+        # These two are created with torch.empty; give them defined values.
+        transformer.x_pad_token.normal_(0.0, 0.02)
+        transformer.cap_pad_token.normal_(0.0, 0.02)
+    _seeded(seed + 2)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=[32, 32, 32, 32],
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=32,
+        sample_size=64,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        mid_block_add_attention=True,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+    pipe = ZImagePipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
+    )
+    for module in (text_encoder, transformer, vae):
+        module.eval()
+    return pipe
+
+
+def build_tiny_sd1(seed: int = 0):
+    """A StableDiffusionPipeline with SD1.x's topology (4 levels, x8 VAE) and tiny widths."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = build_clip_tokenizer()
+    _seeded(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            projection_dim=32,
+            hidden_act="quick_gelu",
+        )
+    )
+    _seeded(seed + 1)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 32, 64, 64),
+        layers_per_block=1,
+        attention_head_dim=8,
+        cross_attention_dim=32,
+        norm_num_groups=32,
+    )
+    _seeded(seed + 2)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=[32, 32, 32, 32],
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=64,
+        scaling_factor=0.18215,
+    )
+    scheduler = EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        timestep_spacing="leading",
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    for module in (text_encoder, unet, vae):
+        module.eval()
+    return pipe
+
+
+def save_diffusers(pipe, folder: str) -> str:
+    """Save a pipeline in diffusers' folder layout (model_index.json + safetensors)."""
+    os.makedirs(folder, exist_ok=True)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def write_tiny_models(root: str, seed: int = 0, formats: Iterable[str] = ("diffusers", "split", "single_file")) -> dict:
+    """Write the tiny models into ``root`` in every layout a user may have.
+
+    Returns a dict of paths:
+      zimage_diffusers, sd1_diffusers          diffusers folders
+      zimage_split: {diffusion_model, text_encoder, vae, tokenizer}   ComfyUI split files
+      sd1_single_file                          one SD1.x checkpoint (+ sd1_tokenizer folder)
+    Existing complete outputs are reused (a marker file records the seed).
+    """
+    formats = tuple(formats)
+    root = os.path.abspath(root)
+    os.makedirs(root, exist_ok=True)
+    marker = os.path.join(root, "tiny_models.json")
+    if os.path.isfile(marker):
+        try:
+            with open(marker, encoding="utf-8") as f:
+                info = json.load(f)
+            if info.get("seed") == seed and set(formats) <= set(info.get("formats", [])):
+                return info["paths"]
+        except (OSError, ValueError):
+            pass
+
+    paths: dict = {}
+    zimage = build_tiny_zimage(seed)
+    sd1 = build_tiny_sd1(seed)
+    if "diffusers" in formats:
+        paths["zimage_diffusers"] = save_diffusers(zimage, os.path.join(root, "diffusers", "tiny-zimage-turbo"))
+        paths["sd1_diffusers"] = save_diffusers(sd1, os.path.join(root, "diffusers", "tiny-sd15"))
+    if "split" in formats or "single_file" in formats:
+        from . import formats as fmt
+    if "split" in formats:
+        paths["zimage_split"] = fmt.save_zimage_split(zimage, root, name="tiny_zimage")
+    if "single_file" in formats:
+        paths.update(fmt.save_sd1_single_file(sd1, root, name="tiny_sd15"))
+    tmp = marker + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"seed": seed, "formats": list(formats), "paths": paths}, f, indent=2)
+    os.replace(tmp, marker)
+    return paths

@@ -1,0 +1,263 @@
+"""The one adapter between TurboBooth and ComfyUI.
+
+Everything that touches ``comfy``, ``folder_paths`` or ``server`` lives here:
+progress and cancel -> callbacks, IMAGE <-> PIL, model folders, and memory
+sharing with ComfyUI's model management. Every import is guarded, so node
+classes also work (and are tested) without ComfyUI.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+logger = logging.getLogger("turbobooth")
+
+NONE = "(none)"
+
+
+def _folder_paths():
+    try:
+        import folder_paths  # ComfyUI
+
+        return folder_paths
+    except ImportError:
+        return None
+
+
+def folder_list(kind: str) -> list[str]:
+    """Filenames ComfyUI knows for a model folder kind ("loras", "vae", ...)."""
+    fp = _folder_paths()
+    if fp is None:
+        return []
+    try:
+        return sorted(fp.get_filename_list(kind))
+    except Exception:  # unknown folder kind on an older ComfyUI
+        return []
+
+
+def folder_roots(kind: str) -> list[str]:
+    fp = _folder_paths()
+    if fp is None:
+        return []
+    try:
+        return list(fp.get_folder_paths(kind))
+    except Exception:
+        return []
+
+
+def full_path(kind: str, name: str) -> str | None:
+    if not name or name == NONE:
+        return None
+    fp = _folder_paths()
+    if fp is not None:
+        try:
+            p = fp.get_full_path(kind, name)
+        except Exception:
+            p = None
+        if p:
+            return p
+    return name if os.path.exists(name) else None
+
+
+def diffusers_folders() -> list[str]:
+    """Folders under ComfyUI's models/diffusers that hold a model_index.json."""
+    found = set()
+    for root in folder_roots("diffusers"):
+        if not os.path.isdir(root):
+            continue
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            if "model_index.json" in filenames:
+                found.add(os.path.relpath(dirpath, root))
+                dirnames[:] = []
+    return sorted(found)
+
+
+def diffusers_folder_path(name: str) -> str | None:
+    for root in folder_roots("diffusers"):
+        p = os.path.join(root, name)
+        if os.path.isfile(os.path.join(p, "model_index.json")):
+            return p
+    return name if os.path.isdir(name) else None
+
+
+def output_directory() -> str:
+    fp = _folder_paths()
+    if fp is not None:
+        return fp.get_output_directory()
+    return os.path.abspath("output")
+
+
+def temp_directory() -> str:
+    fp = _folder_paths()
+    if fp is not None:
+        try:
+            return fp.get_temp_directory()
+        except Exception:
+            pass
+    import tempfile
+
+    return tempfile.gettempdir()
+
+
+def comfy_bundled_tokenizer(family: str) -> str | None:
+    """ComfyUI ships the Qwen and CLIP tokenizers; reuse them for split files and single files."""
+    try:
+        import comfy
+
+        base = os.path.dirname(comfy.__file__)
+    except ImportError:
+        return None
+    names = ("text_encoders/qwen25_tokenizer",) if family == "zimage" else ("sd1_tokenizer",)
+    for n in names:
+        p = os.path.join(base, n)
+        if os.path.isdir(p):
+            return p
+    return None
+
+
+def torch_device() -> str:
+    try:
+        import comfy.model_management as mm
+
+        return str(mm.get_torch_device())
+    except ImportError:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ---------------------------------------------------------------- progress / cancel
+
+
+def check_interrupt() -> None:
+    try:
+        import comfy.model_management as mm
+    except ImportError:
+        return
+    mm.throw_exception_if_processing_interrupted()
+
+
+def interrupted() -> bool:
+    try:
+        import comfy.model_management as mm
+    except ImportError:
+        return False
+    return bool(getattr(mm, "processing_interrupted", lambda: False)())
+
+
+class Progress:
+    """ComfyUI's progress bar as an ``on_step(step, total, preview)`` callback."""
+
+    def __init__(self, total: int):
+        self.total = max(int(total), 1)
+        self.bar = None
+        try:
+            import comfy.utils
+
+            self.bar = comfy.utils.ProgressBar(self.total)
+        except ImportError:
+            pass
+
+    def __call__(self, step: int, total: int, preview=None) -> None:
+        check_interrupt()
+        if self.bar is None:
+            return
+        if total != self.total:
+            self.total = total
+            self.bar.total = total
+        pv = None
+        if preview is not None:
+            pv = ("PNG", preview.convert("RGB") if hasattr(preview, "convert") else preview, 512)
+        self.bar.update_absolute(min(step, total), total, pv)
+
+
+# ---------------------------------------------------------------- images
+
+
+def image_to_pils(image) -> list:
+    """ComfyUI IMAGE [B,H,W,C] 0..1 -> list of PIL RGB images."""
+    import numpy as np
+    from PIL import Image
+
+    arr = (image.detach().cpu().float().clamp(0, 1).numpy() * 255.0).round().astype(np.uint8)
+    out = []
+    for a in arr:
+        if a.shape[-1] == 1:
+            a = a[..., 0]
+        out.append(Image.fromarray(a).convert("RGB"))
+    return out
+
+
+def pils_to_image(pils):
+    """List of PIL images (same size) -> ComfyUI IMAGE [B,H,W,3]."""
+    import numpy as np
+    import torch
+
+    arrs = [np.asarray(p.convert("RGB"), dtype=np.float32) / 255.0 for p in pils]
+    return torch.from_numpy(np.stack(arrs, axis=0))
+
+
+# ---------------------------------------------------------------- memory sharing
+
+
+_patchers: dict = {}
+
+
+def share_memory(model) -> None:
+    """Tell ComfyUI about our weights: it frees room for them, and unloading releases them.
+
+    A ModelPatcher that stands for the TurboModel is registered with
+    ``comfy.model_management.load_models_gpu``: ComfyUI first frees memory on
+    the device for it, and when ComfyUI unloads it (the "Free model and node
+    cache" button, ``unload_all_models()``, or memory pressure from another
+    model) the TurboModel is released from our cache.
+    """
+    try:
+        import comfy.model_management as mm
+        import comfy.model_patcher
+    except ImportError:
+        return
+    import torch
+
+    from ..manager import cache
+
+    key = id(model)
+    patcher = _patchers.get(key)
+    if patcher is None:
+        base = comfy.model_patcher.ModelPatcher
+
+        class TurboBoothPatcher(base):
+            """Stands for a TurboModel in ComfyUI's loaded-model list."""
+
+            def _release(self):
+                target = self.turbo_model
+                if target is not None and cache.CACHE.peek(target.spec) is target:
+                    cache.CACHE.release(target.spec)
+                _patchers.pop(id(target), None)
+                self.turbo_model = None
+
+            def unpatch_model(self, *args, **kwargs):
+                self._release()
+                return super().unpatch_model(*args, **kwargs)
+
+            def detach(self, *args, **kwargs):
+                self._release()
+                return super().detach(*args, **kwargs)
+
+            def partially_unload(self, *args, **kwargs):
+                self._release()
+                return 0
+
+        device = torch.device(model.device)
+        offload = mm.unet_offload_device() if hasattr(mm, "unet_offload_device") else torch.device("cpu")
+        try:
+            patcher = TurboBoothPatcher(torch.nn.Module(), load_device=device, offload_device=offload, size=model.nbytes)
+        except TypeError:
+            patcher = TurboBoothPatcher(torch.nn.Module(), device, offload, model.nbytes)
+        patcher.turbo_model = model
+        _patchers[key] = patcher
+    try:
+        mm.load_models_gpu([patcher])
+    except Exception:
+        logger.warning("could not register the model with ComfyUI's memory manager", exc_info=True)

@@ -1,0 +1,91 @@
+"""TurboSample: prompts (one per line) -> IMAGE + LATENT."""
+
+from __future__ import annotations
+
+from . import comfy as host
+
+SAMPLERS = ("euler", "dpmpp_2m", "unipc", "euler_a", "ddim")
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+
+
+class TurboSample:
+    DESCRIPTION = (
+        "Generates one image per prompt line (times images_per_prompt). Prompt i uses seed + i, so a prompt "
+        "gives the same image alone or in a batch. steps 0 = the family default (Z-Image-Turbo 8, SD1.x 25). "
+        "Connect an init image for img2img, plus a mask for inpainting."
+    )
+    CATEGORY = "TurboBooth"
+    RETURN_TYPES = ("IMAGE", "LATENT")
+    RETURN_NAMES = ("images", "latent")
+    FUNCTION = "sample"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("TURBO_MODEL",),
+                "prompt": ("STRING", {"multiline": True, "default": "a photo of a red fox in fresh snow, golden hour, sharp focus"}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED}),
+                "steps": ("INT", {"default": 0, "min": 0, "max": 200, "tooltip": "0 = family default (Z-Image-Turbo 8, SD1.x 25)."}),
+                "width": ("INT", {"default": 1024, "min": 16, "max": 4096, "step": 8}),
+                "height": ("INT", {"default": 1024, "min": 16, "max": 4096, "step": 8}),
+                "images_per_prompt": ("INT", {"default": 1, "min": 1, "max": 64}),
+                "sampler": (list(SAMPLERS), {"default": "euler", "tooltip": "Z-Image: euler (flow-matching), dpmpp_2m or unipc with flow sigmas."}),
+                "shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 20.0, "step": 0.1, "tooltip": "Z-Image timestep shift; 0 = the model's (3.0 for Turbo)."}),
+            },
+            "optional": {
+                "guidance": ("TURBO_GUIDANCE",),
+                "lora": ("TURBO_LORA",),
+                "lora_strength": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05}),
+                "lora_file": ([host.NONE] + host.folder_list("loras"), {"default": host.NONE, "tooltip": "A LoRA file from models/loras."}),
+                "lora_file_strength": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05}),
+                "init_image": ("IMAGE",),
+                "mask": ("MASK",),
+                "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "With an init image: 1 repaints fully, lower keeps more of it."}),
+            },
+        }
+
+    def sample(self, model, prompt, seed, steps, width, height, images_per_prompt, sampler, shift,
+               guidance=None, lora=None, lora_strength=1.0, lora_file=host.NONE, lora_file_strength=1.0,
+               init_image=None, mask=None, denoise=1.0):
+        from ..manager.cache import ensure_loaded
+        from ..manager.errors import ModelSourceError
+        from ..manager.sampling import generate, parse_prompts
+
+        model = ensure_loaded(model)
+        loras = []
+        if lora is not None:
+            loras.append((lora, float(lora_strength)))
+        if lora_file and lora_file != host.NONE:
+            from ..manager.lora import load_lora_file
+
+            path = host.full_path("loras", lora_file)
+            if path is None:
+                raise ModelSourceError(f"LoRA file {lora_file!r} was not found in models/loras")
+            loras.append((load_lora_file(path), float(lora_file_strength)))
+        n = len(parse_prompts(prompt)) * int(images_per_prompt)
+        from ..manager.families import defaults_for
+
+        total = (steps or defaults_for(model.family).steps)
+        progress = host.Progress(total)
+        host.share_memory(model)
+        result = generate(
+            model,
+            prompt,
+            seed=int(seed) % (MAX_SEED + 1),
+            steps=int(steps) if steps else None,
+            width=int(width),
+            height=int(height),
+            images_per_prompt=int(images_per_prompt),
+            sampler=sampler,
+            shift=float(shift) if shift else None,
+            guidance=guidance,
+            loras=loras,
+            init_image=init_image,
+            denoise=float(denoise),
+            mask=mask,
+            on_step=progress,
+            should_stop=host.interrupted,
+        )
+        assert result.images.shape[0] == n
+        return (result.images, {"samples": result.latents})
