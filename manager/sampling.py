@@ -236,6 +236,11 @@ def generate(
             raise InvalidInputError(
                 f"init image is {iw}x{ih} but width x height is {width}x{height}; resize the image or set the size to match"
             )
+        if int(steps * float(denoise)) < 1:
+            raise InvalidInputError(
+                f"denoise={denoise} with steps={steps} leaves no denoising step (steps x denoise < 1); "
+                "raise steps or denoise"
+            )
         total = len(prompt_list) * images_per_prompt
         if init_image.shape[0] not in (1, total):
             raise InvalidInputError(
@@ -355,15 +360,24 @@ def _run_pipeline(model, p_emb, n_emb, scale, guidance, steps, width, height, la
             by_prompt[i] = torch.Generator("cpu").manual_seed(seeds[i])
         gens.append(by_prompt[i])
     if mask is None:
-        cls = _pipeline_class(family, "img2img")
-        sub = cls.from_pipe(pipe)
+        sub = _sub_pipeline(model, "img2img")
         return sub(image=image, strength=float(denoise), generator=gens, **common).images
-    cls = _pipeline_class(family, "inpaint")
-    sub = cls.from_pipe(pipe)
+    sub = _sub_pipeline(model, "inpaint")
     m = mask.float()
     if m.shape[0] > 1:
         m = m[rows]
     return sub(image=image, mask_image=m.unsqueeze(1), strength=float(denoise), generator=gens, **common).images
+
+
+def _sub_pipeline(model: TurboModel, task: str):
+    """img2img / inpaint pipeline sharing the loaded components (built once per model)."""
+    subs = model.extras.setdefault("pipelines", {})
+    sub = subs.get(task)
+    if sub is None:
+        sub = subs[task] = _pipeline_class(model.family, task).from_pipe(model.pipe)
+        sub.set_progress_bar_config(disable=True)
+    sub.scheduler = model.pipe.scheduler
+    return sub
 
 
 def _pipeline_class(family: str, task: str):

@@ -1,0 +1,382 @@
+"""The shared model manager on tiny models saved to disk: loading, cache, sampling, bad input."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import shutil
+import subprocess
+import sys
+import weakref
+
+import pytest
+import torch
+
+from turbobooth.manager import cache as cache_mod
+from turbobooth.manager.errors import InvalidInputError, ModelSourceError, UnsafeFileError, WrongFamilyError
+from turbobooth.manager.loading import load_model
+from turbobooth.manager.sampling import Guidance, embed_cache, generate
+from turbobooth.manager.spec import ModelSpec
+from turbobooth.manager.tiny import write_tiny_models
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_tiny_models(str(tmp_path_factory.mktemp("tiny")), formats=("diffusers",))
+
+
+@pytest.fixture(scope="module")
+def zmodel(tiny):
+    return cache_mod.get_model(ModelSpec(tiny["zimage_diffusers"]))
+
+
+@pytest.fixture(scope="module")
+def sdmodel(tiny):
+    return cache_mod.get_model(ModelSpec(tiny["sd1_diffusers"]))
+
+
+def small(model, prompts="a photo of a dog", **kw):
+    kw.setdefault("width", 64)
+    kw.setdefault("height", 64)
+    if model.family == "sd1":
+        kw.setdefault("steps", 4)
+    return generate(model, prompts, **kw)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def test_families_are_detected_from_model_index(zmodel, sdmodel):
+    assert zmodel.family == "zimage" and type(zmodel.pipe).__name__ == "ZImagePipeline"
+    assert sdmodel.family == "sd1" and type(sdmodel.pipe).__name__ == "StableDiffusionPipeline"
+    assert zmodel.identity.startswith("diffusers:") and zmodel.nbytes > 0
+
+
+def test_images_have_comfy_layout_and_are_reproducible(zmodel):
+    a = small(zmodel, seed=3)
+    b = small(zmodel, seed=3)
+    assert a.images.shape == (1, 64, 64, 3) and a.images.dtype == torch.float32
+    assert 0.0 <= a.images.min() and a.images.max() <= 1.0
+    assert a.latents.shape == (1, 16, 8, 8)
+    assert torch.equal(a.images, b.images), "identical inputs must give bit-identical images on CPU"
+    c = small(zmodel, seed=4)
+    assert not torch.equal(a.images, c.images)
+
+
+def test_batch_uses_seed_plus_index_per_prompt(zmodel):
+    batch = small(zmodel, "a dog\n\n  a cat  \nsnow", seed=10, images_per_prompt=2)
+    assert batch.images.shape[0] == 6 and batch.prompts == ["a dog", "a cat", "snow"] and batch.seeds == [10, 11, 12]
+    alone = small(zmodel, "a cat", seed=11, images_per_prompt=2)
+    assert torch.allclose(batch.images[2:4], alone.images, atol=1e-5)
+    assert not torch.allclose(batch.images[2], batch.images[3]), "copies of one prompt must differ"
+
+
+def test_per_prompt_guidance_and_negative_prompts(zmodel):
+    base = small(zmodel, "a dog\na cat", seed=1)
+    g = Guidance(negative_prompts=("blurry", "dark"), scales=(3.0, 0.0))
+    guided = small(zmodel, "a dog\na cat", seed=1, guidance=g)
+    assert torch.allclose(guided.images[1], base.images[1], atol=1e-5), "scale 0 must equal the unguided image"
+    assert not torch.allclose(guided.images[0], base.images[0], atol=1e-3)
+    other_neg = small(zmodel, "a dog\na cat", seed=1, guidance=Guidance(negative_prompts=("red",), scales=(3.0, 0.0)))
+    assert not torch.allclose(other_neg.images[0], guided.images[0], atol=1e-4)
+
+
+def test_embedding_cache_skips_the_text_encoder(zmodel):
+    cache = embed_cache(zmodel)
+    cache.clear()
+    calls = []
+    handle = zmodel.pipe.text_encoder.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        first = small(zmodel, "an unusual prompt for caching", seed=0)
+        n = len(calls)
+        second = small(zmodel, "an unusual prompt for caching", seed=0)
+    finally:
+        handle.remove()
+    assert n == 1 and len(calls) == 1, "the repeated prompt must not run the text encoder again"
+    assert torch.equal(first.images, second.images)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m", "unipc"])
+def test_zimage_samplers_with_shift(zmodel, sampler):
+    out = small(zmodel, seed=0, steps=4, sampler=sampler, shift=3.0)
+    assert out.images.shape == (1, 64, 64, 3) and torch.isfinite(out.images).all()
+
+
+def test_sd1_generation_and_guidance(sdmodel):
+    out = small(sdmodel, "a dog\na cat", seed=0)
+    assert out.images.shape == (2, 64, 64, 3) and out.latents.shape == (2, 4, 8, 8)
+    g = small(sdmodel, "a dog", seed=0, guidance=Guidance(negative_prompts=("ugly",), scales=(7.5,)))
+    assert not torch.allclose(g.images[0], out.images[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["zimage", "sd1"])
+def test_img2img_and_inpainting(zmodel, sdmodel, family):
+    model = zmodel if family == "zimage" else sdmodel
+    init = small(model, seed=5).images
+    low = small(model, seed=5, init_image=init, denoise=0.5)
+    assert low.images.shape == init.shape
+    mask = torch.zeros(1, 64, 64)
+    mask[:, 16:48, 16:48] = 1.0
+    inp = small(model, seed=5, init_image=init, denoise=1.0, mask=mask)
+    assert inp.images.shape == init.shape
+    # two prompts, one shared init image
+    two = small(model, "a dog\na cat", seed=5, init_image=init, denoise=0.5)
+    assert two.images.shape[0] == 2
+
+
+# ---------------------------------------------------------------- cache
+
+
+def test_second_identical_load_is_the_same_object(tiny):
+    spec = ModelSpec(tiny["zimage_diffusers"])
+    first = cache_mod.get_model(spec)
+    loads, total = cache_mod.CACHE.loads, cache_mod.CACHE.total_bytes
+    again = cache_mod.get_model(ModelSpec(tiny["zimage_diffusers"]))
+    assert again is first
+    assert cache_mod.CACHE.loads == loads and cache_mod.CACHE.total_bytes == total
+
+
+def test_other_dtype_or_revision_is_a_separate_entry(tiny):
+    local = cache_mod.ModelCache(budget_bytes=1 << 40)
+    a = local.get(ModelSpec(tiny["zimage_diffusers"], dtype="fp32"))
+    b = local.get(ModelSpec(tiny["zimage_diffusers"], dtype="bf16"))
+    assert a is not b and b.dtype == torch.bfloat16 and len(local) == 2
+    assert ModelSpec("org/model", revision="v1") != ModelSpec("org/model", revision="v2")
+    local.clear()
+
+
+def test_eviction_really_frees_the_weights(tiny):
+    z = load_model(ModelSpec(tiny["zimage_diffusers"]))
+    budget = z.nbytes + 1024  # room for one model only
+    del z
+    local = cache_mod.ModelCache(budget_bytes=budget)
+    first = local.get(ModelSpec(tiny["zimage_diffusers"]))
+    ref = weakref.ref(first.pipe.transformer)
+    released = []
+    local.on_release(released.append)
+    second = local.get(ModelSpec(tiny["sd1_diffusers"]))
+    assert released == [first] and cache_mod.is_released(first) and len(local) == 1
+    gc.collect()
+    assert ref() is None, "the evicted transformer must be garbage"
+    assert local.total_bytes == second.nbytes
+    local.clear()
+    assert len(local) == 0 and cache_mod.is_released(second)
+
+
+def test_released_model_is_reloaded_transparently(tiny):
+    spec = ModelSpec(tiny["zimage_diffusers"], dtype="fp32", offload="none", device="cpu")
+    model = cache_mod.get_model(spec)
+    cache_mod.CACHE.release(spec)
+    assert cache_mod.is_released(model)
+    fresh = cache_mod.ensure_loaded(model)
+    assert fresh is not model and not cache_mod.is_released(fresh)
+    assert small(fresh, seed=0).images.shape == (1, 64, 64, 3)
+
+
+def test_fp8_weight_storage(tiny):
+    model = load_model(ModelSpec(tiny["zimage_diffusers"], dtype="fp8_e4m3fn"))
+    assert model.pipe.transformer.layers[0].attention.to_q.weight.dtype == torch.float8_e4m3fn
+    out = small(model, seed=0)
+    assert torch.isfinite(out.images).all()
+
+
+# ---------------------------------------------------------------- hub cache (offline, hub layout)
+
+
+def _populate_hub_cache(cache_dir: str, repo: str, folder: str, commit: str, refs: list[str]) -> str:
+    """Lay a diffusers folder out exactly like huggingface_hub's cache: blobs, snapshots, refs."""
+    repo_dir = os.path.join(cache_dir, "models--" + repo.replace("/", "--"))
+    snap = os.path.join(repo_dir, "snapshots", commit)
+    blobs = os.path.join(repo_dir, "blobs")
+    os.makedirs(blobs, exist_ok=True)
+    import hashlib
+
+    for dirpath, _, files in os.walk(folder):
+        for f in files:
+            src = os.path.join(dirpath, f)
+            rel = os.path.relpath(src, folder)
+            with open(src, "rb") as fh:
+                digest = hashlib.sha256(fh.read()).hexdigest()
+            blob = os.path.join(blobs, digest)
+            if not os.path.exists(blob):
+                shutil.copyfile(src, blob)
+            dst = os.path.join(snap, rel)
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            os.symlink(os.path.relpath(blob, os.path.dirname(dst)), dst)
+    os.makedirs(os.path.join(repo_dir, "refs"), exist_ok=True)
+    for ref in refs:
+        with open(os.path.join(repo_dir, "refs", ref), "w") as fh:
+            fh.write(commit)
+    return snap
+
+
+def _cli(args, env_extra):
+    env = dict(os.environ, **env_extra)
+    env.pop("HF_TOKEN", None)
+    return subprocess.run([sys.executable, "-m", "turbobooth", *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_hub_repo_revisions_from_local_cache_offline(tiny, tmp_path):
+    hub = tmp_path / "hub"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    _populate_hub_cache(str(hub), "tiny-org/tiny-zimage-turbo", tiny["zimage_diffusers"], commit, ["main", "v1.0"])
+    env = {"HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1", "HF_TOKEN": "hf_secret_token_never_logged"}
+    out = tmp_path / "out"
+    for model in ("tiny-org/tiny-zimage-turbo", "tiny-org/tiny-zimage-turbo@v1.0", f"tiny-org/tiny-zimage-turbo@{commit}"):
+        r = _cli(["-v", "generate", "--model", model, "a dog", "--width", "64", "--height", "64", "--out", str(out)], env)
+        assert r.returncode == 0, r.stderr
+        assert "hf_secret_token_never_logged" not in r.stdout + r.stderr
+        png = r.stdout.strip().splitlines()[-1]
+        assert os.path.isfile(png)
+    missing = _cli(["generate", "--model", "tiny-org/tiny-zimage-turbo@v9", "a dog", "--out", str(out)], env)
+    assert missing.returncode == 2
+    assert "v9" in missing.stderr and "HF_HUB_OFFLINE" in missing.stderr
+    nothing = _cli(["generate", "--model", "tiny-org/does-not-exist", "a dog", "--out", str(out)], env)
+    assert nothing.returncode == 2 and "tiny-org/does-not-exist" in nothing.stderr
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_nonexistent_path(tmp_path):
+    with pytest.raises(ModelSourceError, match="not found"):
+        load_model(ModelSpec(str(tmp_path / "nope"), kind="diffusers"))
+    with pytest.raises(ModelSourceError, match="model_index.json"):
+        load_model(ModelSpec(str(tmp_path), kind="diffusers"))
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def test_corrupt_and_truncated_safetensors(tiny, tmp_path):
+    folder = _copy(tiny["zimage_diffusers"], tmp_path / "m")
+    weights = os.path.join(folder, "transformer", "diffusion_pytorch_model.safetensors")
+    size = os.path.getsize(weights)
+    with open(weights, "r+b") as f:
+        f.truncate(size // 2)
+    with pytest.raises(ModelSourceError, match="truncated") as e:
+        load_model(ModelSpec(folder))
+    assert "diffusion_pytorch_model.safetensors" in str(e.value)
+    with open(weights, "wb") as f:
+        f.write(b"\xff" * 64)
+    with pytest.raises(ModelSourceError, match="corrupt|not a valid"):
+        load_model(ModelSpec(folder))
+
+
+def test_pickle_checkpoints_are_refused(tiny, tmp_path):
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {}}, ckpt)
+    with pytest.raises(UnsafeFileError, match="only .safetensors"):
+        load_model(ModelSpec(str(ckpt)))
+    disguised = tmp_path / "model.safetensors"
+    torch.save({"state_dict": {}}, disguised)
+    with pytest.raises(UnsafeFileError, match="pickle"):
+        load_model(ModelSpec(str(disguised)))
+    folder = _copy(tiny["sd1_diffusers"], tmp_path / "sd")
+    unet = os.path.join(folder, "unet")
+    os.remove(os.path.join(unet, "diffusion_pytorch_model.safetensors"))
+    torch.save({}, os.path.join(unet, "diffusion_pytorch_model.bin"))
+    with pytest.raises(UnsafeFileError, match="pickle"):
+        load_model(ModelSpec(folder))
+
+
+def test_wrong_family_and_missing_component(tiny, tmp_path):
+    with pytest.raises(WrongFamilyError, match="Stable Diffusion 1.x model but Z-Image was requested"):
+        load_model(ModelSpec(tiny["sd1_diffusers"], family="zimage"))
+    folder = _copy(tiny["zimage_diffusers"], tmp_path / "flux")
+    index = os.path.join(folder, "model_index.json")
+    info = json.load(open(index))
+    info["_class_name"] = "FluxPipeline"
+    json.dump(info, open(index, "w"))
+    with pytest.raises(WrongFamilyError, match="FluxPipeline"):
+        load_model(ModelSpec(folder))
+    folder2 = _copy(tiny["zimage_diffusers"], tmp_path / "partial")
+    shutil.rmtree(os.path.join(folder2, "vae"))
+    with pytest.raises(ModelSourceError, match="'vae'"):
+        load_model(ModelSpec(folder2))
+
+
+def test_spec_validation_names_the_value():
+    with pytest.raises(InvalidInputError, match="dtype='int4'"):
+        ModelSpec("x", dtype="int4")
+    with pytest.raises(InvalidInputError, match="offload"):
+        ModelSpec("x", offload="disk")
+    with pytest.raises(InvalidInputError, match="split-file"):
+        ModelSpec("x", kind="split")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(width=72), "width=72 .* multiple of 16"),
+        (dict(height=50), "height=50"),
+        (dict(prompts=""), "no prompt"),
+        (dict(prompts="\n  \n\t\n"), "no prompt"),
+        (dict(steps=0), "steps=0"),
+        (dict(steps=-3), "steps=-3"),
+        (dict(denoise=0.0), r"denoise=0.0 is outside \(0, 1\]"),
+        (dict(denoise=1.5), "denoise=1.5"),
+        (dict(images_per_prompt=0), "images_per_prompt=0"),
+        (dict(sampler="lms"), "sampler 'lms'"),
+        (dict(guidance=Guidance(negative_prompts=("a", "b", "c"), scales=(2.0,))), "3 negative prompts for 1 prompts"),
+    ],
+)
+def test_bad_generation_inputs(zmodel, kwargs, match):
+    prompts = kwargs.pop("prompts", "a dog")
+    with pytest.raises(InvalidInputError, match=match):
+        small(zmodel, prompts, **kwargs)
+
+
+def test_bad_mask_and_init_batches(zmodel):
+    init = torch.rand(1, 64, 64, 3)
+    with pytest.raises(InvalidInputError, match="mask is 32x32 but the image is 64x64"):
+        small(zmodel, init_image=init, mask=torch.ones(1, 32, 32))
+    with pytest.raises(InvalidInputError, match="init image batch has 3 images but the prompts make 2"):
+        small(zmodel, "a\nb", init_image=torch.rand(3, 64, 64, 3))
+    with pytest.raises(InvalidInputError, match="init image is 32x32"):
+        small(zmodel, init_image=torch.rand(1, 32, 32, 3))
+    with pytest.raises(InvalidInputError, match="leaves no denoising step"):
+        small(zmodel, init_image=init, denoise=0.1, steps=4)
+    with pytest.raises(InvalidInputError, match="needs an init image"):
+        small(zmodel, mask=torch.ones(1, 64, 64))
+
+
+def test_sd1_size_multiple_is_8(sdmodel):
+    assert small(sdmodel, width=72, height=64).images.shape == (1, 64, 72, 3)
+    with pytest.raises(InvalidInputError, match="multiple of 8"):
+        small(sdmodel, width=68)
+
+
+# ---------------------------------------------------------------- independence
+
+
+def test_manager_and_trainer_never_import_comfyui(tiny):
+    """Run real generation with ComfyUI's modules made unimportable."""
+    code = f"""
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('comfy', 'folder_paths', 'server', 'execution', 'comfy_extras'):
+            raise ImportError('ComfyUI import attempted: ' + name)
+        return None
+sys.meta_path.insert(0, Block())
+import turbobooth.manager.cache as c, turbobooth.manager.sampling as s
+import turbobooth.trainer
+from turbobooth.manager.spec import ModelSpec
+m = c.get_model(ModelSpec({tiny['zimage_diffusers']!r}))
+print(s.generate(m, 'a dog', width=64, height=64).images.shape)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "torch.Size([1, 64, 64, 3])" in r.stdout
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for pkg in ("manager", "trainer"):
+        for dirpath, _, files in os.walk(os.path.join(root, pkg)):
+            for f in files:
+                if f.endswith(".py"):
+                    text = open(os.path.join(dirpath, f), encoding="utf-8").read()
+                    for banned in ("import comfy", "from comfy", "import folder_paths", "import server"):
+                        assert banned not in text, f"{pkg}/{f} contains {banned!r}"
