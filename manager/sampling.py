@@ -286,10 +286,10 @@ def generate(
 
         def callback(_pipe, i, t, kwargs):
             done[0] += 1
-            if should_stop is not None and should_stop():
-                raise Interrupted("generation was cancelled")
             if on_step is not None:
                 on_step(done[0], total_steps, None)
+            if should_stop is not None and should_stop():
+                raise Interrupted("generation was cancelled")
             return kwargs
 
         out_latents = [None] * n

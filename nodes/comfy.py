@@ -149,8 +149,9 @@ def interrupted() -> bool:
 class Progress:
     """ComfyUI's progress bar as an ``on_step(step, total, preview)`` callback."""
 
-    def __init__(self, total: int):
+    def __init__(self, total: int, raise_on_interrupt: bool = True):
         self.total = max(int(total), 1)
+        self.raise_on_interrupt = raise_on_interrupt
         self.bar = None
         try:
             import comfy.utils
@@ -160,7 +161,8 @@ class Progress:
             pass
 
     def __call__(self, step: int, total: int, preview=None) -> None:
-        check_interrupt()
+        if self.raise_on_interrupt:
+            check_interrupt()
         if self.bar is None:
             return
         if total != self.total:
