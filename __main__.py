@@ -11,7 +11,6 @@ logger = logging.getLogger("turbobooth")
 
 
 def _parse_model(text: str):
-    from .manager.spec import ModelSpec
 
     if "@" in text and not os.path.exists(text):
         source, revision = text.rsplit("@", 1)
@@ -131,6 +130,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:  # the CLI prints paths; library progress bars would only clutter that
+        import diffusers.utils.logging as dlog
+        import transformers.utils.logging as tlog
+
+        dlog.disable_progress_bar()
+        tlog.disable_progress_bar()
+    except ImportError:
+        pass
     from .manager.errors import TurboBoothError
 
     try:
