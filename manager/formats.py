@@ -183,14 +183,27 @@ def _read_metadata_configs(metadata: Mapping[str, str]) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def _load_tensors(path: str) -> dict:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def _load_tensors(path: str, dtype=None, keep: Callable[[str], bool] | None = None) -> dict:
+    """Read the tensors of ``path`` one at a time, casting floating ones to ``dtype`` as they arrive.
 
+    Reading tensor by tensor keeps the peak memory near the size of the result,
+    and ``keep`` skips tensors that are not needed (EMA copies, ``lm_head``).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    out = {}
     try:
-        return load_file(path, device="cpu")
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                if keep is not None and not keep(key):
+                    continue
+                tensor = f.get_tensor(key)
+                if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+                    tensor = tensor.to(dtype)
+                out[key] = tensor
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise _corrupt(path, str(e)) from e
+    return out
 
 
 def _tmp_path(path: str) -> str:
@@ -309,7 +322,7 @@ def classify_keys(keys: Iterable[str]) -> str | None:
 
 
 def detect_family_from_keys(keys: Iterable[str]) -> str | None:
-    """ "zimage" for a Z-Image diffusion model, "sd1" for an SD1.x single-file checkpoint, else None.
+    """The model family a file belongs to: "zimage" (diffusion model), "sd1" (single-file checkpoint) or None.
 
     Component files that several families share (a VAE, a text encoder) give None.
     """
@@ -389,7 +402,7 @@ def _merged(base: dict, *overlays: Mapping[str, Any] | None) -> dict:
 
 
 def _count_indices(keys: Iterable[str], pattern: str) -> int:
-    """Number of distinct N in keys matching ``pattern`` (a regex with one ``(\\d+)`` group)."""
+    """One more than the largest N in keys matching ``pattern`` (a regex with one ``(\\d+)`` group); 0 if none."""
     rx = re.compile(pattern)
     found = {int(m.group(1)) for k in keys if (m := rx.match(k))}
     return (max(found) + 1) if found else 0
@@ -504,7 +517,8 @@ def zimage_transformer_from_comfy(state_dict: Mapping[str, Any]) -> dict:
             rows = value.shape[0]
             q_rows = dim if dim is not None else rows // 3
             kv_rows = (rows - q_rows) // 2
-            q, k, v = value.split([q_rows, kv_rows, kv_rows], dim=0)
+            # Copies, not views: tensors sharing one storage cannot be saved to safetensors later.
+            q, k, v = (t.clone() for t in value.split([q_rows, kv_rows, kv_rows], dim=0))
             out[f"{base}.attention.to_q.{leaf}"] = q
             out[f"{base}.attention.to_k.{leaf}"] = k
             out[f"{base}.attention.to_v.{leaf}"] = v
@@ -571,6 +585,9 @@ def qwen3_from_comfy(state_dict: Mapping[str, Any]) -> dict:
 
 def _qwen3_config(shapes: Mapping[str, Any], path: str, meta: Mapping | None) -> dict:
     cfg = _merged(shipped_config("zimage", "text_encoder"), meta)
+    if meta and "rope_parameters" in meta:  # newer transformers write rope settings as one entry
+        cfg.pop("rope_theta", None)
+        cfg.pop("rope_scaling", None)
     vocab, hidden = _shape(shapes, "embed_tokens.weight", path)
     head_dim = _shape(shapes, "layers.0.self_attn.q_norm.weight", path)[0]
     n_layers = _count_indices(shapes, r"^layers\.(\d+)\.")
@@ -894,6 +911,9 @@ def _load_tokenizer(folder: str | None, model_path: str, family: str, strip_suff
         )
     if not os.path.isdir(folder):
         raise ModelSourceError(f"the tokenizer folder {folder!r} does not exist")
+    nested = os.path.join(folder, "tokenizer")
+    if not os.path.isfile(os.path.join(folder, "tokenizer_config.json")) and os.path.isdir(nested):
+        folder = nested  # a model snapshot whose tokenizer sits in tokenizer/
     try:
         tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except Exception as e:  # transformers raises many kinds here
@@ -942,6 +962,11 @@ def save_zimage_split(pipe, root: str, name: str) -> dict:
 
 def _header_kind(path: str) -> tuple[dict, dict, str | None]:
     header, metadata = read_safetensors_header(path)
+    if "scaled_fp8" in header or any(k.endswith((".scale_weight", ".weight_scale")) for k in header):
+        raise ModelSourceError(
+            f"{path!r} stores scaled fp8 weights, which TurboBooth cannot load; use the bf16 or fp16 "
+            "version of this file"
+        )
     return header, metadata, classify_keys(header)
 
 
@@ -956,7 +981,7 @@ def load_zimage_transformer(path: str, dtype=None):
     if kind != "zimage_transformer":
         raise _wrong(path, kind, "zimage", "a diffusion model", "Put z_image_turbo_bf16.safetensors (or similar) here.")
     meta = _read_metadata_configs(metadata)
-    state = zimage_transformer_from_comfy(_load_tensors(path))
+    state = zimage_transformer_from_comfy(_load_tensors(path, dtype))
     cfg = _zimage_transformer_config(state, path, meta.get("transformer"))
     cfg.pop("_class_name", None)
     return _instantiate(lambda: ZImageTransformer2DModel.from_config(cfg), state, "Z-Image transformer", path, dtype)
@@ -973,7 +998,7 @@ def load_qwen3_text_encoder(path: str, dtype=None):
     if kind != "qwen3_text_encoder":
         raise _wrong(path, kind, "zimage", "the Qwen3 text encoder", "Z-Image uses qwen_3_4b.safetensors.")
     meta = _read_metadata_configs(metadata)
-    state = qwen3_from_comfy(_load_tensors(path))
+    state = qwen3_from_comfy(_load_tensors(path, dtype, keep=lambda k: not k.startswith("lm_head.")))
     cfg = _qwen3_config(state, path, meta.get("text_encoder"))
     cfg.pop("model_type", None)
     config = Qwen3Config(**cfg)
@@ -992,7 +1017,10 @@ def load_vae(path: str, family: str = "zimage", dtype=None, *, state_dict: Mappi
         if kind != "vae":
             raise _wrong(path, kind, family, "a VAE", "Z-Image uses the 16-channel Flux VAE, ae.safetensors.")
         meta = _read_metadata_configs(metadata).get("vae")
-        state_dict = _load_tensors(path)
+        state_dict = _load_tensors(path, dtype)
+        for prefix in ("first_stage_model.", "vae."):  # a VAE cut out of a full checkpoint
+            if all(k.startswith(prefix) for k in state_dict):
+                state_dict = {k[len(prefix) :]: v for k, v in state_dict.items()}
     state = vae_from_ldm(state_dict)
     cfg = _vae_config(state, path, family, meta)
     expected = shipped_config(family, "vae")["latent_channels"]
@@ -1127,10 +1155,12 @@ def load_sd1_single_file(path: str, tokenizer: str | None = None, dtype=None):
     meta = _read_metadata_configs(metadata)
     tok = _load_tokenizer(tokenizer, path, "sd1")
 
-    unet_sd, vae_sd, clip_sd = _split_sd1(_load_tensors(path))
+    # Only the three model parts are read; EMA copies (model_ema.*) and schedule buffers are skipped.
+    unet_sd, vae_sd, clip_sd = _split_sd1(
+        _load_tensors(path, dtype, keep=lambda k: k.startswith((_SD1_UNET_PREFIX, _SD1_VAE_PREFIX, _SD1_CLIP_PREFIX)))
+    )
     if not vae_sd:
         raise ModelSourceError(f"{path!r} has no VAE (first_stage_model.*) weights; it is not a full checkpoint")
-    # Checkpoints that still hold EMA copies keep them under model_ema.*; the plain weights are used.
     unet_cfg = _unet_config(unet_sd, path, meta.get("unet"))
     unet_cfg.pop("_class_name", None)
     unet_state = unet_from_ldm(unet_sd)
