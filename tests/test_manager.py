@@ -12,7 +12,6 @@ import weakref
 
 import pytest
 import torch
-
 from turbobooth.manager import cache as cache_mod
 from turbobooth.manager.errors import InvalidInputError, ModelSourceError, UnsafeFileError, WrongFamilyError
 from turbobooth.manager.loading import load_model
@@ -380,3 +379,33 @@ print(s.generate(m, 'a dog', width=64, height=64).images.shape)
                     text = open(os.path.join(dirpath, f), encoding="utf-8").read()
                     for banned in ("import comfy", "from comfy", "import folder_paths", "import server"):
                         assert banned not in text, f"{pkg}/{f} contains {banned!r}"
+
+
+# ---------------------------------------------------------------- every source format through load_model
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory):
+    return write_tiny_models(str(tmp_path_factory.mktemp("tiny-files")), formats=("diffusers", "split", "single_file"))
+
+
+def test_split_files_and_single_file_load_and_match_the_folder(tiny_files):
+    split = tiny_files["zimage_split"]
+    z_split = load_model(ModelSpec(split["diffusion_model"], text_encoder=split["text_encoder"], vae=split["vae"],
+                                   tokenizer=split["tokenizer"]))
+    z_dir = load_model(ModelSpec(tiny_files["zimage_diffusers"]))
+    assert z_split.family == "zimage" and z_split.identity.startswith("split:")
+    assert torch.allclose(small(z_split, seed=2).images, small(z_dir, seed=2).images, atol=1e-4)
+    sd_file = load_model(ModelSpec(tiny_files["sd1_single_file"], tokenizer=tiny_files["sd1_tokenizer"]))
+    sd_dir = load_model(ModelSpec(tiny_files["sd1_diffusers"]))
+    assert sd_file.family == "sd1" and sd_file.identity.startswith("single:")
+    assert torch.allclose(small(sd_file, seed=2).images, small(sd_dir, seed=2).images, atol=1e-4)
+
+
+def test_wrong_family_files(tiny_files):
+    split = tiny_files["zimage_split"]
+    with pytest.raises(WrongFamilyError, match="split files"):
+        load_model(ModelSpec(split["diffusion_model"], kind="single_file"))
+    with pytest.raises(WrongFamilyError):
+        load_model(ModelSpec(tiny_files["sd1_single_file"], kind="split", text_encoder=split["text_encoder"],
+                             vae=split["vae"], tokenizer=split["tokenizer"]))
