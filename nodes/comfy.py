@@ -206,6 +206,36 @@ def pils_to_image(pils):
 _patchers: dict = {}
 
 
+def make_room(device: str, nbytes: int) -> None:
+    """Ask ComfyUI to free ``nbytes`` (plus headroom) on ``device`` before our weights go there."""
+    if not str(device).startswith("cuda"):
+        return
+    try:
+        import comfy.model_management as mm
+    except ImportError:
+        return
+    import torch
+
+    try:
+        mm.free_memory(int(nbytes * 1.2) + 512 * 2**20, torch.device(device))
+    except Exception:
+        logger.warning("ComfyUI could not free memory before loading", exc_info=True)
+
+
+def estimate_bytes(paths) -> int:
+    """Size on disk of a model's weight files (a folder is walked)."""
+    total = 0
+    for p in paths:
+        if not p:
+            continue
+        if os.path.isdir(p):
+            for dirpath, _, files in os.walk(p):
+                total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files if f.endswith(".safetensors"))
+        elif os.path.isfile(p):
+            total += os.path.getsize(p)
+    return total
+
+
 def share_memory(model) -> None:
     """Tell ComfyUI about our weights: it frees room for them, and unloading releases them.
 

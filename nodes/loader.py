@@ -96,6 +96,10 @@ class TurboLoader:
             spec = ModelSpec(p, kind="single_file", tokenizer=tok, family=family, dtype=dtype, device=device, offload=offload)
         else:
             raise ModelSourceError(f"source {source!r} is not one of: {', '.join(SOURCES)}")
+        from ..manager.cache import CACHE
+
+        if spec not in CACHE:
+            host.make_room(device, host.estimate_bytes([spec.source, spec.text_encoder, spec.vae]))
         model = get_model(spec)
         host.share_memory(model)
         return (model,)
