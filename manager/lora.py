@@ -86,6 +86,10 @@ class TurboLora:
             self.text_encoder_targets = tuple(sorted(lora_modules(self.text_encoder_state_dict)))
 
     @property
+    def touches_text_encoder(self) -> bool:
+        return bool(self.text_encoder_state_dict)
+
+    @property
     def trigger(self) -> str:
         return self.metadata.get("trigger", "")
 
@@ -98,9 +102,9 @@ class TurboLora:
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def __repr__(self) -> str:
-        parts = [self.family, f"rank={self.rank}", f"alpha={self.alpha:g}", f"modules={len(self.target_modules)}"]
+        parts = [self.family, f"rank={self.rank}", f"alpha={self.alpha:g}", f"modules={len(lora_modules(self.state_dict))}"]
         if self.text_encoder_state_dict:
-            parts.append(f"te_modules={len(self.text_encoder_targets)}")
+            parts.append(f"te_modules={len(lora_modules(self.text_encoder_state_dict))}")
         if self.trigger:
             parts.append(f"trigger={self.trigger!r}")
         return f"TurboLora({', '.join(parts)})"

@@ -1,0 +1,100 @@
+"""The class-prior image cache: keys, hit/miss/top-up, naming, damaged files, RNG isolation."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from turbobooth.manager.errors import InvalidInputError
+from turbobooth.manager.model import TurboModel
+from turbobooth.manager.spec import ModelSpec
+from turbobooth.manager.tiny import build_tiny_zimage
+from turbobooth.trainer import priors
+
+
+@pytest.fixture(scope="module")
+def model():
+    pipe = build_tiny_zimage(0)
+    pipe.set_progress_bar_config(disable=True)
+    return TurboModel(ModelSpec("tiny"), "zimage", pipe, "tiny-zimage@rev1")
+
+
+def _cache(model, root, **kw):
+    args = dict(seed=3, width=32, height=32, steps=2, root=str(root))
+    args.update(kw)
+    return priors.PriorCache(model, "a photo of dog", **args)
+
+
+def test_key_depends_on_everything(model, tmp_path):
+    base = _cache(model, tmp_path)
+    assert base.steps == 2 and base.guidance == 0.0  # Turbo settings by default, not the pipeline's 50/5
+    others = [
+        _cache(model, tmp_path, seed=4), _cache(model, tmp_path, steps=3), _cache(model, tmp_path, width=48),
+        _cache(model, tmp_path, guidance=1.0), priors.PriorCache(model, "a photo of cat", seed=3, width=32, height=32,
+                                                                 steps=2, root=str(tmp_path)),
+    ]
+    other_model = TurboModel(ModelSpec("tiny"), "zimage", model.pipe, "tiny-zimage@rev2")
+    others.append(_cache(other_model, tmp_path))
+    keys = {c.key for c in others} | {base.key}
+    assert len(keys) == len(others) + 1
+    assert _cache(model, tmp_path).key == base.key
+
+
+def test_hit_miss_top_up_and_naming(model, tmp_path, monkeypatch):
+    calls = []
+    real = priors.PriorCache.generate_one
+
+    def spy(self, index):
+        calls.append(index)
+        return real(self, index)
+
+    monkeypatch.setattr(priors.PriorCache, "generate_one", spy)
+    cache = _cache(model, tmp_path)
+    first = cache.ensure(2)
+    assert calls == [0, 1]
+    names = sorted(os.listdir(cache.folder))
+    assert [n for n in names if n.endswith(".png")] == [os.path.basename(p) for p in first]
+    assert all(priors.NAME.match(os.path.basename(p)) for p in first)
+    assert not [n for n in names if n.endswith(".tmp")]
+
+    calls.clear()
+    assert cache.ensure(2) == first  # hit: nothing generated
+    assert calls == []
+    more = cache.ensure(4)  # top-up: only the missing ones
+    assert calls == [2, 3] and more[:2] == first
+
+    # a fresh cache folder asked for 4 at once gives the same bytes: image i depends only on seed + i
+    fresh = _cache(model, tmp_path / "other").ensure(4)
+    assert [open(a, "rb").read() for a in fresh] == [open(b, "rb").read() for b in more]
+
+
+def test_only_valid_pngs_count(model, tmp_path):
+    cache = _cache(model, tmp_path)
+    paths = cache.ensure(2)
+    # junk, a JPEG-named file, a file with a wrong hash and a truncated one
+    open(os.path.join(cache.folder, "readme.txt"), "w").write("x")
+    open(os.path.join(cache.folder, "00005-0123456789abcdef.png"), "wb").write(b"not a png")
+    data = open(paths[1], "rb").read()
+    open(paths[1], "wb").write(data[: len(data) // 2])
+    assert sorted(cache.existing()) == [0]
+    assert cache.count() == 1
+    again = cache.ensure(2)
+    assert open(again[1], "rb").read() == data  # regenerated identically
+
+
+def test_generation_does_not_consume_training_rng(model, tmp_path):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    _cache(model, tmp_path).ensure(1)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_bad_inputs(model, tmp_path):
+    with pytest.raises(InvalidInputError, match="class prompt is empty"):
+        priors.PriorCache(model, " ", root=str(tmp_path))
+    with pytest.raises(InvalidInputError, match="multiple of 16"):
+        _cache(model, tmp_path, width=40)
+    with pytest.raises(InvalidInputError, match=">= 1"):
+        _cache(model, tmp_path).ensure(0)
