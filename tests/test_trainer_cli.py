@@ -50,7 +50,7 @@ def test_torchrun_two_cpu_processes(tmp_path, zimage_folder):
     config = _setup(tmp_path, zimage_folder, batch_size=1)
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           "-m", "turbobooth.trainer.cli", "train", "--config", config, "--device", "cpu"]
+           "-m", "turbobooth", "train", "--config", config, "--device", "cpu"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = tmp_path / "out"
