@@ -271,7 +271,18 @@ def module_nbytes(pipe) -> int:
 
 
 def load_model(spec: ModelSpec) -> TurboModel:
-    """Load a model from its spec (uncached; use ``cache.get_model`` for the shared cache)."""
+    """Load a model from its spec (uncached; use ``cache.get_model`` for the shared cache).
+
+    Always loads outside ``torch.inference_mode`` (ComfyUI runs nodes inside
+    it): inference-mode weights could never be trained on afterwards.
+    """
+    import torch
+
+    with torch.inference_mode(False), torch.no_grad():
+        return _load_model(spec)
+
+
+def _load_model(spec: ModelSpec) -> TurboModel:
     import torch
 
     device = resolve_device(spec.device)

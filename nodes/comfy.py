@@ -259,27 +259,35 @@ def share_memory(model) -> None:
     if patcher is None:
         base = comfy.model_patcher.ModelPatcher
 
+        modern = hasattr(base, "detach")  # ComfyUI >= mid-2024 unloads through detach()/partially_unload()
+
         class TurboBoothPatcher(base):
-            """Stands for a TurboModel in ComfyUI's loaded-model list."""
+            """Stands for a TurboModel in ComfyUI's loaded-model list; unloading it releases the model."""
 
             def _release(self):
-                target = self.turbo_model
+                target = getattr(self, "turbo_model", None)
                 if target is not None and cache.CACHE.peek(target.spec) is target:
                     cache.CACHE.release(target.spec)
                 _patchers.pop(id(target), None)
                 self.turbo_model = None
 
-            def unpatch_model(self, *args, **kwargs):
-                self._release()
-                return super().unpatch_model(*args, **kwargs)
+            if modern:
 
-            def detach(self, *args, **kwargs):
-                self._release()
-                return super().detach(*args, **kwargs)
+                def detach(self, unpatch_all=True):
+                    if unpatch_all:
+                        self._release()
+                    return super().detach(unpatch_all)
 
-            def partially_unload(self, *args, **kwargs):
-                self._release()
-                return 0
+                def partially_unload(self, *args, **kwargs):
+                    size = self.turbo_model.nbytes if getattr(self, "turbo_model", None) is not None else 0
+                    self._release()
+                    return size
+
+            else:
+
+                def unpatch_model(self, *args, **kwargs):
+                    self._release()
+                    return super().unpatch_model(*args, **kwargs)
 
         device = torch.device(model.device)
         offload = mm.unet_offload_device() if hasattr(mm, "unet_offload_device") else torch.device("cpu")

@@ -17,11 +17,13 @@ def _choices(items: list[str], default: str | None = None) -> list[str]:
     return out or [host.NONE]
 
 
-def _beside_tokenizer(path: str | None) -> str | None:
+def _beside_tokenizer(path: str | None, strip: tuple = ()) -> str | None:
+    """A tokenizer folder next to a weights file: ``<stem>_tokenizer`` or ``tokenizer``."""
     if not path:
         return None
     stem = os.path.splitext(path)[0]
-    for cand in (stem + "_tokenizer", os.path.join(os.path.dirname(path), "tokenizer")):
+    stems = [stem] + [stem[: -len(s)] for s in strip if stem.endswith(s)]
+    for cand in [s + "_tokenizer" for s in stems] + [os.path.join(os.path.dirname(path), "tokenizer")]:
         if os.path.isdir(cand):
             return cand
     return None
@@ -59,6 +61,25 @@ class TurboLoader:
             }
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, source, diffusers_model, diffusion_model, text_encoder, vae, checkpoint):
+        """Check only the dropdowns of the chosen source (the others may list nothing on this machine)."""
+        checks = {
+            "diffusers folder": [("diffusers_model", diffusers_model, host.diffusers_folders(), "models/diffusers")],
+            "split files": [
+                ("diffusion_model", diffusion_model, host.folder_list("diffusion_models"), "models/diffusion_models"),
+                ("text_encoder", text_encoder, host.folder_list("text_encoders") + host.folder_list("clip"), "models/text_encoders"),
+                ("vae", vae, host.folder_list("vae"), "models/vae"),
+            ],
+            "single file": [("checkpoint", checkpoint, host.folder_list("checkpoints"), "models/checkpoints")],
+        }
+        if source not in SOURCES:
+            return f"source {source!r} is not one of: {', '.join(SOURCES)}"
+        for name, value, options, where in checks.get(source, []):
+            if value not in options and not (name == "diffusers_model" and os.path.isdir(str(value))):
+                return f"{name} {value!r} was not found in {where}; download it there or choose another source"
+        return True
+
     def load(self, source, diffusers_model, repo_id, revision, diffusion_model, text_encoder, vae, checkpoint,
              family, dtype, device, offload):
         from ..manager.cache import get_model
@@ -85,7 +106,7 @@ class TurboLoader:
                 if p is None:
                     raise ModelSourceError(f"{label} file {name!r} was not found in models/{kind}")
                 files[label] = p
-            tok = _beside_tokenizer(files["text_encoder"]) or host.comfy_bundled_tokenizer("zimage")
+            tok = _beside_tokenizer(files["text_encoder"], ("_qwen3",)) or host.comfy_bundled_tokenizer("zimage")
             spec = ModelSpec(files["diffusion_model"], kind="split", text_encoder=files["text_encoder"], vae=files["vae"],
                              tokenizer=tok, family=family, dtype=dtype, device=device, offload=offload)
         elif source == "single file":

@@ -12,7 +12,7 @@ class TurboSample:
     DESCRIPTION = (
         "Generates one image per prompt line (times images_per_prompt). Prompt i uses seed + i, so a prompt "
         "gives the same image alone or in a batch. steps 0 = the family default (Z-Image-Turbo 8, SD1.x 25). "
-        "Connect an init image for img2img, plus a mask for inpainting."
+        "Connect an init image for img2img (the output then takes its size), plus a mask for inpainting."
     )
     CATEGORY = "TurboBooth"
     RETURN_TYPES = ("IMAGE", "LATENT")
@@ -41,7 +41,7 @@ class TurboSample:
                 "lora_file_strength": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05}),
                 "init_image": ("IMAGE",),
                 "mask": ("MASK",),
-                "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "With an init image: 1 repaints fully, lower keeps more of it."}),
+                "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "With an init image: 1 repaints fully, lower keeps more of it. The output takes the init image's size."}),
             },
         }
 
@@ -74,8 +74,8 @@ class TurboSample:
             prompt,
             seed=int(seed) % (MAX_SEED + 1),
             steps=int(steps) if steps else None,
-            width=int(width),
-            height=int(height),
+            width=None if init_image is not None else int(width),
+            height=None if init_image is not None else int(height),
             images_per_prompt=int(images_per_prompt),
             sampler=sampler,
             shift=float(shift) if shift else None,
