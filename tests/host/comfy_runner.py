@@ -161,8 +161,9 @@ def _init_comfy(comfy_dir: str):
     import comfy.model_management
     import comfy.utils
     import execution  # noqa: F401 - imported here as main.py does, before the server
-    import nodes
     import server as server_module
+
+    import nodes
 
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
@@ -239,6 +240,7 @@ def _node_info(node_id: str, cls) -> dict:
 
 def _describe(comfy_dir: str, pack_root: str) -> dict:
     import folder_paths
+
     import nodes
 
     custom_dirs = [os.path.realpath(p) for p in folder_paths.get_folder_paths("custom_nodes")]
@@ -260,7 +262,7 @@ def _describe(comfy_dir: str, pack_root: str) -> dict:
         # Core first: the test host's ComfyUI copy may itself live inside the pack folder.
         if _under(f, comfy_dir) and not any(_under(f, d) for d in custom_dirs):
             core_ids.append(node_id)
-        elif _under(f, pack_root):
+        elif _under(f, pack_root) and not _under(f, comfy_dir):
             pack_ids.append(node_id)
         else:
             other_ids.append(node_id)
@@ -277,8 +279,35 @@ def _describe(comfy_dir: str, pack_root: str) -> dict:
     }
 
 
+def _executor_kwargs(execution) -> dict:
+    """Cache settings as main.py's prompt_worker passes them (absent in early 2024)."""
+    from comfy.cli_args import args
+
+    params = inspect.signature(execution.PromptExecutor.__init__).parameters
+    lru, ram = getattr(args, "cache_lru", 0) or 0, getattr(args, "cache_ram", 0) or 0
+    kwargs: dict = {}
+    cache_type_enum = getattr(execution, "CacheType", None)
+    if "cache_type" in params and cache_type_enum is not None:
+        cache_type = cache_type_enum.CLASSIC
+        if lru > 0 and hasattr(cache_type_enum, "LRU"):
+            cache_type = cache_type_enum.LRU
+        elif ram > 0 and hasattr(cache_type_enum, "RAM_PRESSURE"):
+            cache_type = cache_type_enum.RAM_PRESSURE
+        elif getattr(args, "cache_none", False) and hasattr(cache_type_enum, "NONE"):
+            cache_type = cache_type_enum.NONE
+        kwargs["cache_type"] = cache_type
+    elif "cache_type" in params and lru > 0:
+        kwargs["cache_type"] = "lru"
+    if "cache_args" in params:
+        kwargs["cache_args"] = {"lru": lru, "ram": ram}
+    elif "cache_size" in params:
+        kwargs["cache_size"] = lru
+    return kwargs
+
+
 def _validate(prompt_id: str, prompt: dict):
     import execution
+
     import nodes
 
     unknown = sorted({str(n.get("class_type")) for n in prompt.values() if n.get("class_type") not in nodes.NODE_CLASS_MAPPINGS})
@@ -371,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         result["stage"] = "run"
         import execution
 
-        executor = execution.PromptExecutor(server)
+        executor = execution.PromptExecutor(server, **_executor_kwargs(execution))
         for item in job.get("prompts", []):
             result["runs"].append(_run_one(executor, recorder, server, item))
         result["stage"] = "done"
