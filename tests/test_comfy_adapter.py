@@ -13,24 +13,52 @@ from turbobooth.manager.tiny import write_tiny_models
 from turbobooth.nodes import comfy as host
 
 
-class FakePatcher:
+class OldPatcher:
+    """Early-2024 ModelPatcher: ComfyUI unloads through unpatch_model()."""
+
     def __init__(self, model, load_device, offload_device, size=0, **kw):
         self.model, self.load_device, self.offload_device, self.size = model, load_device, offload_device, size
 
     def unpatch_model(self, *a, **k):
         return None
 
-    def detach(self, *a, **k):
-        return None
+    def unload(self):
+        self.unpatch_model(self.offload_device)
 
 
-@pytest.fixture()
-def fake_comfy(monkeypatch):
+class ModernPatcher(OldPatcher):
+    """Current ModelPatcher: loading itself calls unpatch_model(); unloading goes through detach()."""
+
+    def partially_load(self, device, extra_memory=0):
+        self.unpatch_model(self.offload_device)  # as current ComfyUI does while loading
+        return 0
+
+    def detach(self, unpatch_all=True):
+        if unpatch_all:
+            self.unpatch_model(self.offload_device)
+        return self.model
+
+    def partially_unload(self, device, memory_to_free=0):
+        return 0
+
+    def unload(self):
+        self.detach(True)
+
+
+@pytest.fixture(params=["comfyui-2024", "comfyui-current"])
+def fake_comfy(monkeypatch, request):
     events = []
     loaded = []
     mm = types.ModuleType("comfy.model_management")
     mm.free_memory = lambda nbytes, device, keep_loaded=(): events.append(("free_memory", int(nbytes), str(device)))
-    mm.load_models_gpu = lambda models, *a, **k: loaded.extend(models)
+    def load_models_gpu(models, *a, **k):
+        for m in models:
+            if hasattr(m, "partially_load"):
+                m.partially_load(m.load_device)
+            if m not in loaded:
+                loaded.append(m)
+
+    mm.load_models_gpu = load_models_gpu
     mm.get_torch_device = lambda: torch.device("cpu")
     mm.unet_offload_device = lambda: torch.device("cpu")
     interrupted = {"flag": False}
@@ -49,11 +77,11 @@ def fake_comfy(monkeypatch):
 
     def unload_all_models():
         while loaded:
-            loaded.pop().unpatch_model()
+            loaded.pop().unload()
 
     mm.unload_all_models = unload_all_models
     mp = types.ModuleType("comfy.model_patcher")
-    mp.ModelPatcher = FakePatcher
+    mp.ModelPatcher = OldPatcher if request.param == "comfyui-2024" else ModernPatcher
     bars = []
 
     class ProgressBar:
@@ -98,7 +126,7 @@ def test_make_room_asks_comfyui_to_free_gpu_memory(fake_comfy):
 def test_unload_all_models_releases_our_cached_model(fake_comfy, tiny):
     cache_mod.CACHE.clear()
     model = _load(tiny)
-    assert model.spec in cache_mod.CACHE
+    assert model.spec in cache_mod.CACHE and not cache_mod.is_released(model), "loading must not release the model"
     assert len(fake_comfy.loaded) == 1 and fake_comfy.loaded[0].size == model.nbytes
     fake_comfy.mm.unload_all_models()
     assert model.spec not in cache_mod.CACHE and cache_mod.is_released(model)

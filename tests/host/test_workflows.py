@@ -180,7 +180,10 @@ def test_workflow_runs_in_comfyui(name, comfy_host, comfy_server, host_tiny_mode
         [ckpt] = nodes_of_type(wf, "TurboBoothCheckpointSave")
         written = result.outputs[str(ckpt["id"])]["text"][0]
         assert os.path.isfile(written) and written.endswith(".safetensors"), written
-        assert os.path.dirname(written) == os.path.join(comfy_host.models_dir, "loras")
+        # ComfyUI's first models/loras folder (its own, or the one a user's extra paths put first)
+        loras_dirs = {os.path.realpath(os.path.join(comfy_host.comfyui_dir, "models", "loras")),
+                      os.path.realpath(os.path.join(comfy_host.models_dir, "loras"))}
+        assert os.path.realpath(os.path.dirname(written)) in loras_dirs, written
         from turbobooth.manager.lora import load_lora_file
 
         assert load_lora_file(written).family == "zimage"
