@@ -292,10 +292,15 @@ def generate(
                 raise Interrupted("generation was cancelled")
             return kwargs
 
+        if on_step is None and should_stop is None:
+            callback = None  # diffusers gathers locals() for a callback on every step
         out_latents = [None] * n
         base_sched = pipe.scheduler
         try:
-            if family == "zimage":
+            own_euler = type(base_sched).__name__ == "FlowMatchEulerDiscreteScheduler"
+            if family == "zimage" and sampler == "euler" and own_euler and shift in (None, base_sched.config.get("shift")):
+                pass  # the model's own flow-matching Euler scheduler, as loaded
+            elif family == "zimage":
                 pipe.scheduler = schedulers.zimage_scheduler(dict(base_sched.config), sampler, shift)
             else:
                 pipe.scheduler = schedulers.sd1_scheduler(dict(base_sched.config), sampler, base_sched)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 logger = logging.getLogger("turbobooth")
 
@@ -130,20 +131,24 @@ def torch_device() -> str:
 # ---------------------------------------------------------------- progress / cancel
 
 
+def _model_management():
+    """ComfyUI's model_management if ComfyUI is running (it imports it before any node runs).
+
+    Looked up in sys.modules, not imported: this runs on every sampling step,
+    and a failed import outside ComfyUI would rescan sys.path each time.
+    """
+    return sys.modules.get("comfy.model_management")
+
+
 def check_interrupt() -> None:
-    try:
-        import comfy.model_management as mm
-    except ImportError:
-        return
-    mm.throw_exception_if_processing_interrupted()
+    mm = _model_management()
+    if mm is not None:
+        mm.throw_exception_if_processing_interrupted()
 
 
 def interrupted() -> bool:
-    try:
-        import comfy.model_management as mm
-    except ImportError:
-        return False
-    return bool(getattr(mm, "processing_interrupted", lambda: False)())
+    mm = _model_management()
+    return mm is not None and bool(getattr(mm, "processing_interrupted", lambda: False)())
 
 
 class Progress:
