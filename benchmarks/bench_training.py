@@ -473,20 +473,24 @@ def bench_priors(args) -> None:
         )
 
         def one_at_a_time(cache=cache):
-            return [cache.generate_one(i) for i in range(count)]
+            out = []
+            for i in range(count):
+                with torch.random.fork_rng(devices=[]):
+                    result = sampling.generate(
+                        cache.model,
+                        [cache.class_prompt],
+                        seed=cache.seed + i,
+                        steps=cache.steps,
+                        width=cache.width,
+                        height=cache.height,
+                        guidance=sampling.Guidance(negative_prompts=("",), scales=(cache.guidance,)),
+                    )
+                out.append(priors._tensor_to_pil(result.images[0]))
+            return out
 
-        def batched(cache=cache):
-            with torch.random.fork_rng(devices=[]):
-                result = sampling.generate(
-                    cache.model,
-                    [cache.class_prompt] * count,
-                    seed=cache.seed,
-                    steps=cache.steps,
-                    width=cache.width,
-                    height=cache.height,
-                    guidance=sampling.Guidance(negative_prompts=("",), scales=(cache.guidance,)),
-                )
-            return [priors._tensor_to_pil(t) for t in result.images]
+        def batched(cache=cache):  # what PriorCache does: fixed batches of priors.CHUNK images
+            chunks = (count + priors.CHUNK - 1) // priors.CHUNK
+            return [im for c in range(chunks) for im in cache.generate_chunk(c)][:count]
 
         variants = {"one_at_a_time": one_at_a_time, "batched": batched}
         outputs = {name: fn() for name, fn in variants.items()}  # warm-up

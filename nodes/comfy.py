@@ -176,7 +176,16 @@ class Progress:
         pv = None
         if preview is not None:
             pv = ("PNG", preview.convert("RGB") if hasattr(preview, "convert") else preview, 512)
-        self.bar.update_absolute(min(step, total), total, pv)
+        try:
+            self.bar.update_absolute(min(step, total), total, pv)
+        except Exception as e:
+            # ComfyUI's progress hook raises (and clears) a pending interrupt. Training must save its state
+            # first: put the flag back so should_stop() sees it at the end of this step.
+            if self.raise_on_interrupt or type(e).__name__ != "InterruptProcessingException":
+                raise
+            mm = _model_management()
+            if mm is not None:
+                mm.interrupt_current_processing(True)
 
 
 # ---------------------------------------------------------------- images
@@ -261,6 +270,8 @@ def share_memory(model) -> None:
 
     key = id(model)
     patcher = _patchers.get(key)
+    if patcher is not None and getattr(patcher, "turbo_model", None) is not model:
+        patcher = None  # released earlier: register a fresh one
     if patcher is None:
         base = comfy.model_patcher.ModelPatcher
 
@@ -273,7 +284,8 @@ def share_memory(model) -> None:
                 target = getattr(self, "turbo_model", None)
                 if target is not None and cache.CACHE.peek(target.spec) is target:
                     cache.CACHE.release(target.spec)
-                _patchers.pop(id(target), None)
+                # keep the patcher referenced: freeing it inside ComfyUI's unload would fire ComfyUI's
+                # model finalizer in the middle of free_memory()
                 self.turbo_model = None
 
             if modern:

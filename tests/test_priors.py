@@ -43,16 +43,16 @@ def test_key_depends_on_everything(model, tmp_path):
 
 def test_hit_miss_top_up_and_naming(model, tmp_path, monkeypatch):
     calls = []
-    real = priors.PriorCache.generate_one
+    real = priors.PriorCache.generate_chunk
 
-    def spy(self, index):
-        calls.append(index)
-        return real(self, index)
+    def spy(self, chunk):
+        calls.append(chunk)
+        return real(self, chunk)
 
-    monkeypatch.setattr(priors.PriorCache, "generate_one", spy)
+    monkeypatch.setattr(priors.PriorCache, "generate_chunk", spy)
     cache = _cache(model, tmp_path)
     first = cache.ensure(2)
-    assert calls == [0, 1]
+    assert calls == [0] and len(first) == 2
     names = sorted(os.listdir(cache.folder))
     assert [n for n in names if n.endswith(".png")] == [os.path.basename(p) for p in first]
     assert all(priors.NAME.match(os.path.basename(p)) for p in first)
@@ -61,8 +61,14 @@ def test_hit_miss_top_up_and_naming(model, tmp_path, monkeypatch):
     calls.clear()
     assert cache.ensure(2) == first  # hit: nothing generated
     assert calls == []
-    more = cache.ensure(4)  # top-up: only the missing ones
-    assert calls == [2, 3] and more[:2] == first
+    before = {p: os.stat(p).st_mtime_ns for p in first}
+    more = cache.ensure(4)  # top-up: only the missing ones are written
+    assert calls == [0] and more[:2] == first
+    assert {p: os.stat(p).st_mtime_ns for p in first} == before
+    assert len([n for n in os.listdir(cache.folder) if n.endswith(".png")]) == 4
+    calls.clear()
+    cache.ensure(5)  # the fifth image is in the second fixed batch
+    assert calls == [1]
 
     # a fresh cache folder asked for 4 at once gives the same bytes: image i depends only on seed + i
     fresh = _cache(model, tmp_path / "other").ensure(4)
