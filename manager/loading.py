@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import warnings
 
 from .errors import ModelSourceError, UnsafeFileError, WrongFamilyError
 from .model import TurboModel
@@ -245,7 +246,10 @@ def _load_diffusers(folder: str, family: str, torch_dtype):
     if family == "sd1":
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     try:
-        return cls.from_pretrained(folder, torch_dtype=torch_dtype, use_safetensors=True, local_files_only=True, **kwargs)
+        with warnings.catch_warnings():  # newer diffusers renamed torch_dtype to dtype; older ones know only torch_dtype
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
+            return cls.from_pretrained(folder, torch_dtype=torch_dtype, use_safetensors=True, local_files_only=True,
+                                       **kwargs)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise ModelSourceError(f"could not load the diffusers model in {folder}: {_explain(e)}") from e
 
