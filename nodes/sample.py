@@ -41,21 +41,24 @@ class TurboSample:
                 "lora_file_strength": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05}),
                 "init_image": ("IMAGE",),
                 "mask": ("MASK",),
+                "lora_2": ("TURBO_LORA", {"tooltip": "A second trained LoRA, applied together with the first."}),
+                "lora_2_strength": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05}),
                 "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "With an init image: 1 repaints fully, lower keeps more of it. The output takes the init image's size."}),
             },
         }
 
     def sample(self, model, prompt, seed, steps, width, height, images_per_prompt, sampler, shift,
                guidance=None, lora=None, lora_strength=1.0, lora_file=host.NONE, lora_file_strength=1.0,
-               init_image=None, mask=None, denoise=1.0):
+               init_image=None, mask=None, denoise=1.0, lora_2=None, lora_2_strength=1.0):
         from ..manager.cache import ensure_loaded
         from ..manager.errors import ModelSourceError
         from ..manager.sampling import generate, parse_prompts
 
         model = ensure_loaded(model)
         loras = []
-        if lora is not None:
-            loras.append((lora, float(lora_strength)))
+        for adapter, strength in ((lora, lora_strength), (lora_2, lora_2_strength)):
+            if adapter is not None:
+                loras.append((adapter, float(strength)))
         if lora_file and lora_file != host.NONE:
             from ..manager.lora import load_lora_file
 

@@ -275,8 +275,8 @@ def img2img_inpaint() -> Spec:
         "Image to image and inpainting with Z-Image-Turbo.\n\n"
         "LoadImage gives the picture and its mask (the transparent pixels, or what you paint with right-click > "
         "Open in MaskEditor). TurboSample repaints the masked area from the prompt; denoise 1 repaints it "
-        "completely, lower values keep more of the original. Disconnect the mask for plain img2img. Set width and "
-        "height to the picture's size (multiples of 16).\n\n"
+        "completely, lower values keep more of the original. Disconnect the mask for plain img2img. The output "
+        "takes the picture's size (Z-Image needs multiples of 16; scale it with ImageScale if not).\n\n"
         "Put your picture in ComfyUI/input (or upload it on the LoadImage node).\n\n" + MODEL_FILES_NOTE,
         size=(420, 380),
     )

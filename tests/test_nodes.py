@@ -105,3 +105,26 @@ def test_cancel_stops_between_steps(tiny, monkeypatch):
     with pytest.raises(Interrupted):
         sample(load(tiny))
     assert calls["n"] == 3, "must stop at the first step after the request"
+
+
+def test_two_loras_stack_and_leave_the_base_untouched(tiny, tmp_path):
+    from PIL import Image
+    from turbobooth.trainer.config import TrainConfig
+    from turbobooth.trainer.loop import train
+
+    model = load(tiny)
+    before = {k: v.clone() for k, v in model.denoiser.state_dict().items()}
+    loras = []
+    for i, color in enumerate(((250, 20, 20), (20, 250, 20))):
+        cfg = TrainConfig(family="zimage", resolution=32, steps=3, lr=5e-3, rank=4, seed=i, log_tensorboard=False,
+                          output_dir=str(tmp_path / f"run{i}"), instance_prompt="a photo of sks dog")
+        loras.append(train(model, cfg, [Image.new("RGB", (32, 32), color)] * 3).lora)
+    base, _ = sample(model, steps=3)
+    one, _ = sample(model, steps=3, lora=loras[0])
+    one_as_second, _ = sample(model, steps=3, lora_2=loras[0])
+    both, _ = sample(model, steps=3, lora=loras[0], lora_2=loras[1])
+    assert torch.equal(one, one_as_second)
+    assert not torch.allclose(one, base, atol=1e-4) and not torch.allclose(both, one, atol=1e-4)
+    again, _ = sample(model, steps=3)
+    assert torch.equal(again, base), "LoRAs must come off the cached base after sampling"
+    assert all(torch.equal(v, model.denoiser.state_dict()[k]) for k, v in before.items())
