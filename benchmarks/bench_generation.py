@@ -31,6 +31,8 @@ import tempfile
 import time
 import warnings
 
+from common import emit  # benchmarks/common.py (this folder is on sys.path when run as a script)
+
 PROMPT = "a photo of a red fox in fresh snow, golden hour, sharp focus"
 BATCH_PROMPTS = (
     "a photo of a dog on the beach",
@@ -65,14 +67,6 @@ COMFY_TEMPLATE = dict(steps=4, sampler="res_multistep", scheduler="simple", cfg=
 
 
 # --------------------------------------------------------------------------- output and timing
-
-
-def emit(name: str, value) -> None:
-    if isinstance(value, float):
-        text = f"{value:.3e}" if value != 0 and abs(value) < 1e-3 else f"{value:.4f}"
-    else:
-        text = str(value)
-    print(f"{name}: {text}", flush=True)
 
 
 def _sync(device: str) -> None:

@@ -61,6 +61,8 @@ import tempfile
 import time
 import warnings
 
+from common import emit, set_threads  # benchmarks/common.py (this folder is on sys.path when run as a script)
+
 INSTANCE_PROMPT = "a photo of sks dog"
 CLASS_PROMPT = "a photo of a dog"
 RESOLUTION = 64
@@ -81,24 +83,6 @@ KEYS = ("step_s", "step_s_mean", "step_cpu_s", "first_step_s", "peak_rss_mib", "
 
 
 # --------------------------------------------------------------------------- output
-
-
-def emit(name: str, value) -> None:
-    if isinstance(value, float):
-        text = f"{value:.3e}" if value != 0 and abs(value) < 1e-3 else f"{value:.4f}"
-    else:
-        text = str(value)
-    print(f"{name}: {text}", flush=True)
-
-
-def set_threads(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-    try:
-        torch.set_num_interop_threads(1)
-    except RuntimeError:  # already set (parallel work has started)
-        pass
 
 
 def quiet() -> None:

@@ -25,17 +25,14 @@ DEFAULT_BUDGET = int(float(os.environ.get("TURBOBOOTH_CACHE_GB", "48")) * 2**30)
 
 
 class ModelCache:
-    def __init__(self, budget_bytes: int = DEFAULT_BUDGET, loader: Callable[[ModelSpec], TurboModel] | None = None):
+    def __init__(self, budget_bytes: int = DEFAULT_BUDGET):
         self.budget = int(budget_bytes)
-        self._loader = loader
         self._items: OrderedDict[ModelSpec, TurboModel] = OrderedDict()
         self._lock = threading.RLock()
         self._listeners: list[Callable[[TurboModel], None]] = []
         self.loads = 0
 
     def _load(self, spec: ModelSpec) -> TurboModel:
-        if self._loader is not None:
-            return self._loader(spec)
         from .loading import load_model
 
         return load_model(spec)

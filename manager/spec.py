@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import InvalidInputError
 
@@ -35,7 +35,6 @@ class ModelSpec:
     text_encoder: str | None = None
     vae: str | None = None
     tokenizer: str | None = None
-    extra: tuple = field(default=())
 
     def __post_init__(self) -> None:
         if not isinstance(self.source, str) or not self.source.strip():

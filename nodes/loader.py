@@ -17,6 +17,11 @@ def _choices(items: list[str], default: str | None = None) -> list[str]:
     return out or [host.NONE]
 
 
+def _text_encoder_files() -> list[str]:
+    """Text encoders ComfyUI knows: models/text_encoders, plus the older models/clip name."""
+    return sorted(set(host.folder_list("text_encoders")) | set(host.folder_list("clip")))
+
+
 def _beside_tokenizer(path: str | None, strip: tuple = ()) -> str | None:
     """A tokenizer folder next to a weights file: ``<stem>_tokenizer`` or ``tokenizer``."""
     if not path:
@@ -51,7 +56,7 @@ class TurboLoader:
                 "repo_id": ("STRING", {"default": "Tongyi-MAI/Z-Image-Turbo", "tooltip": "Hugging Face repo id (hub repo mode). Set HF_TOKEN for gated repos; HF_HUB_OFFLINE=1 uses only the local cache."}),
                 "revision": ("STRING", {"default": "main", "tooltip": "Branch, tag or commit (hub repo mode)."}),
                 "diffusion_model": (_choices(host.folder_list("diffusion_models")), {"tooltip": "Split files: the Z-Image diffusion model, e.g. z_image_turbo_bf16.safetensors."}),
-                "text_encoder": (_choices(host.folder_list("text_encoders") or host.folder_list("clip")), {"tooltip": "Split files: the Qwen3 text encoder, e.g. qwen_3_4b.safetensors."}),
+                "text_encoder": (_choices(_text_encoder_files()), {"tooltip": "Split files: the Qwen3 text encoder, e.g. qwen_3_4b.safetensors."}),
                 "vae": (_choices(host.folder_list("vae")), {"tooltip": "Split files: the VAE, e.g. ae.safetensors."}),
                 "checkpoint": (_choices(host.folder_list("checkpoints")), {"tooltip": "Single file: an SD1.x checkpoint (.safetensors)."}),
                 "family": (["auto", "zimage", "sd1"], {"default": "auto"}),
@@ -68,7 +73,7 @@ class TurboLoader:
             "diffusers folder": [("diffusers_model", diffusers_model, host.diffusers_folders(), "models/diffusers")],
             "split files": [
                 ("diffusion_model", diffusion_model, host.folder_list("diffusion_models"), "models/diffusion_models"),
-                ("text_encoder", text_encoder, host.folder_list("text_encoders") + host.folder_list("clip"), "models/text_encoders"),
+                ("text_encoder", text_encoder, _text_encoder_files(), "models/text_encoders"),
                 ("vae", vae, host.folder_list("vae"), "models/vae"),
             ],
             "single file": [("checkpoint", checkpoint, host.folder_list("checkpoints"), "models/checkpoints")],
