@@ -574,7 +574,7 @@ def bench_mid(args, tmp: str, comfy_path: str | None) -> None:
     if not ok:
         emit("comfyui_comparison", f"skipped ({why})")
     else:
-        from turbobooth.manager import formats
+        from turbobooth.manager import writers as formats
 
         start = time.perf_counter()
         comfy = import_comfy(comfy_path, device)

@@ -34,7 +34,7 @@ def save_model(model, folder: str, name: str, model_format: str = "diffusers fol
             raise InvalidInputError(
                 f"single-file export is for SD1.x; a {model.family} model is saved as a diffusers folder"
             )
-        from .formats import save_sd1_single_file
+        from .writers import save_sd1_single_file
 
         path = unique_path(folder, stem, ".safetensors", overwrite=overwrite)
         tmp_root = tempfile.mkdtemp(prefix=".turbobooth-export-", dir=folder)

@@ -15,42 +15,37 @@ import os
 import warnings
 
 from .errors import ModelSourceError, UnsafeFileError, WrongFamilyError
+from .families import FAMILIES, PIPELINE_FAMILIES, defaults_for
 from .model import TurboModel
+from .safety import PICKLE_SUFFIXES, check_safetensors
 from .spec import ModelSpec
 
 logger = logging.getLogger(__name__)
 
-PIPELINE_FAMILIES = {
-    "ZImagePipeline": "zimage",
-    "ZImageImg2ImgPipeline": "zimage",
-    "ZImageInpaintPipeline": "zimage",
-    "StableDiffusionPipeline": "sd1",
-    "StableDiffusionImg2ImgPipeline": "sd1",
-    "StableDiffusionInpaintPipeline": "sd1",
-}
-REQUIRED_COMPONENTS = {
-    "zimage": ("transformer", "text_encoder", "tokenizer", "vae", "scheduler"),
-    "sd1": ("unet", "text_encoder", "tokenizer", "vae", "scheduler"),
-}
 WEIGHTED_COMPONENTS = ("transformer", "unet", "text_encoder", "vae")
-PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model"]
-FAMILY_LABELS = {"zimage": "Z-Image", "sd1": "Stable Diffusion 1.x"}
 
 
 def resolve_torch_dtype(name: str, device: str):
-    """Map a dtype choice to (compute dtype, fp8 storage dtype or None)."""
+    """Map a dtype choice to (compute dtype, storage dtype or None).
+
+    fp8 always stores 8-bit weights. On a CPU, bf16/fp16 also store the weights in 16 bits but compute in fp32:
+    CPUs without native bf16 run 16-bit matmuls several times slower.
+    """
     import torch
 
+    cuda = device.startswith("cuda")
     if name == "auto":
-        if device.startswith("cuda") and torch.cuda.is_available():
+        if cuda and torch.cuda.is_available():
             return (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16), None
         return torch.float32, None
     if name.startswith("fp8"):
         storage = torch.float8_e4m3fn if name == "fp8_e4m3fn" else torch.float8_e5m2
-        compute = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        return compute, storage
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name], None
+        return (torch.bfloat16 if cuda else torch.float32), storage
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    if not cuda and dtype != torch.float32:
+        return torch.float32, dtype
+    return dtype, None
 
 
 def resolve_device(device: str) -> str:
@@ -61,48 +56,6 @@ def resolve_device(device: str) -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ModelSourceError(f"device {device!r} was requested but no CUDA device is available; use 'auto' or 'cpu'")
     return device
-
-
-def check_safetensors(path: str) -> None:
-    """Refuse pickles; make sure a safetensors file is whole before anything loads it."""
-    if not os.path.isfile(path):
-        raise ModelSourceError(f"model file not found: {path}")
-    lower = path.lower()
-    if lower.endswith(PICKLE_SUFFIXES):
-        raise UnsafeFileError(
-            f"{path} is a pickle checkpoint; TurboBooth loads only .safetensors files because pickle files can run "
-            "arbitrary code. Convert it to safetensors or download the .safetensors version."
-        )
-    size = os.path.getsize(path)
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if head[:2] == b"PK" or head[:1] == b"\x80":
-                raise UnsafeFileError(
-                    f"{path} is a pickle/zip checkpoint despite its name; only real safetensors files are loaded"
-                )
-            if len(head) < 8:
-                raise ModelSourceError(f"{path} is empty or truncated ({size} bytes); re-download it")
-            n = int.from_bytes(head, "little")
-            if n <= 1 or 8 + n > size:
-                raise ModelSourceError(
-                    f"{path} is corrupt or truncated: its header claims {n} bytes but the file has {size}; re-download it"
-                )
-            header = json.loads(f.read(n))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise ModelSourceError(f"{path} is not a valid safetensors file (unreadable header); re-download it") from e
-    end = 0
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        if not offsets or len(offsets) != 2:
-            raise ModelSourceError(f"{path} is not a valid safetensors file (tensor {key!r} has no offsets)")
-        end = max(end, int(offsets[1]))
-    if 8 + n + end > size:
-        raise ModelSourceError(
-            f"{path} is truncated: tensors need {8 + n + end} bytes but the file has {size}; re-download it"
-        )
 
 
 def _component_weights(folder: str, component: str) -> list[str]:
@@ -148,13 +101,13 @@ def inspect_diffusers_folder(folder: str, expected_family: str = "auto") -> str:
                 )
     if expected_family != "auto" and family != expected_family:
         raise WrongFamilyError(
-            f"{folder} is a {FAMILY_LABELS[family]} model but {FAMILY_LABELS[expected_family]} was requested; "
+            f"{folder} is a {defaults_for(family).label} model but {defaults_for(expected_family).label} was requested; "
             "set family to 'auto' or pick the matching model"
         )
-    for comp in REQUIRED_COMPONENTS[family]:
+    for comp in FAMILIES[family].components:
         if comp not in info or not os.path.isdir(os.path.join(folder, comp)):
             raise ModelSourceError(
-                f"{folder} is missing the '{comp}' component that a {FAMILY_LABELS[family]} model needs; "
+                f"{folder} is missing the '{comp}' component that a {defaults_for(family).label} model needs; "
                 "the download is incomplete"
             )
     for comp in WEIGHTED_COMPONENTS:
@@ -239,9 +192,7 @@ def hub_snapshot(repo_id: str, revision: str | None) -> tuple[str, str]:
 
 
 def _load_diffusers(folder: str, family: str, torch_dtype):
-    import diffusers
-
-    cls = diffusers.ZImagePipeline if family == "zimage" else diffusers.StableDiffusionPipeline
+    cls = defaults_for(family).pipeline_class()
     kwargs = {}
     if family == "sd1":
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -286,61 +237,73 @@ def load_model(spec: ModelSpec) -> TurboModel:
         return _load_model(spec)
 
 
+def _open_source(spec: ModelSpec, torch_dtype):
+    """(pipeline, family, identity, resolved revision) for the spec's source."""
+    from . import formats
+
+    kind = spec.resolved_kind()
+    if kind in ("hub", "diffusers"):
+        if kind == "hub":
+            folder, commit = hub_snapshot(spec.source, spec.revision)
+            identity = f"hub:{spec.source}@{commit}"
+        else:
+            folder, commit = os.path.abspath(os.path.expanduser(spec.source)), spec.revision
+            identity = f"diffusers:{folder}:{fingerprint(_folder_weight_files(folder))}"
+        family = inspect_diffusers_folder(folder, spec.family)
+        return _load_diffusers(folder, family, torch_dtype), family, identity, commit
+    if kind == "split":
+        if spec.family not in ("auto", "zimage"):
+            raise WrongFamilyError(f"split files are supported for Z-Image only, not {spec.family!r}")
+        files = [spec.source, spec.text_encoder, spec.vae]
+        check_split_files(files)
+        pipe = formats.load_zimage_split(*files, tokenizer=spec.tokenizer, dtype=torch_dtype)
+        return pipe, "zimage", f"split:{fingerprint(files)}", spec.revision
+    check_safetensors(spec.source, "checkpoint")
+    if formats.detect_family_from_keys(formats.safetensors_keys(spec.source)) == "zimage":
+        raise WrongFamilyError(
+            f"{spec.source} is a Z-Image diffusion model file, not a full checkpoint; load it in 'split files' "
+            "mode together with its text encoder and VAE"
+        )
+    if spec.family not in ("auto", "sd1"):
+        raise WrongFamilyError(f"single-file checkpoints are supported for SD1.x only, not {spec.family!r}")
+    pipe = formats.load_sd1_single_file(spec.source, tokenizer=spec.tokenizer, dtype=torch_dtype)
+    return pipe, "sd1", f"single:{fingerprint([spec.source])}", spec.revision
+
+
+def check_split_files(files: list[str]) -> None:
+    """All three split files at once: one message names every missing one."""
+    roles = ("diffusion model", "text encoder", "VAE")
+    missing = [f"{role} {path!r}" for role, path in zip(roles, files, strict=True) if not os.path.isfile(path)]
+    if missing:
+        raise ModelSourceError("missing split files: " + "; ".join(missing) + ". Put each file in its ComfyUI folder "
+                               "(models/diffusion_models, models/text_encoders, models/vae)")
+    for role, path in zip(roles, files, strict=True):
+        check_safetensors(path, role)
+
+
+def _store_in(pipe, family: str, storage, compute) -> None:
+    """Keep the weights in ``storage`` and upcast each layer to ``compute`` as it runs (diffusers' layerwise
+    casting); 8-bit storage is for the denoiser only, 16-bit storage covers the text encoder too."""
+    from diffusers.hooks import apply_layerwise_casting
+
+    getattr(pipe, defaults_for(family).denoiser).enable_layerwise_casting(storage_dtype=storage, compute_dtype=compute)
+    if storage.itemsize == 2:
+        apply_layerwise_casting(pipe.text_encoder, storage_dtype=storage, compute_dtype=compute)
+
+
 def _load_model(spec: ModelSpec) -> TurboModel:
     import torch
 
     device = resolve_device(spec.device)
-    torch_dtype, fp8 = resolve_torch_dtype(spec.dtype, device)
-    kind = spec.resolved_kind()
-    revision = spec.revision
-    if kind == "hub":
-        folder, commit = hub_snapshot(spec.source, spec.revision)
-        family = inspect_diffusers_folder(folder, spec.family)
-        pipe = _load_diffusers(folder, family, torch_dtype)
-        identity = f"hub:{spec.source}@{commit}"
-        revision = commit
-    elif kind == "diffusers":
-        folder = os.path.abspath(os.path.expanduser(spec.source))
-        family = inspect_diffusers_folder(folder, spec.family)
-        pipe = _load_diffusers(folder, family, torch_dtype)
-        identity = f"diffusers:{folder}:{fingerprint(_folder_weight_files(folder))}"
-    elif kind == "split":
-        from . import formats
-
-        files = [spec.source, spec.text_encoder, spec.vae]
-        for f in files:
-            check_safetensors(f)
-        if spec.family not in ("auto", "zimage"):
-            raise WrongFamilyError(f"split files are supported for Z-Image only, not {spec.family!r}")
-        pipe = formats.load_zimage_split(spec.source, spec.text_encoder, spec.vae, tokenizer=spec.tokenizer, dtype=torch_dtype)
-        family = "zimage"
-        identity = f"split:{fingerprint(files)}"
-    elif kind == "single_file":
-        from . import formats
-
-        check_safetensors(spec.source)
-        detected = formats.detect_family_from_keys(formats.read_safetensors_keys(spec.source))
-        if detected == "zimage":
-            raise WrongFamilyError(
-                f"{spec.source} is a Z-Image diffusion model file, not a full checkpoint; load it in 'split files' "
-                "mode together with its text encoder and VAE"
-            )
-        if spec.family not in ("auto", "sd1"):
-            raise WrongFamilyError(f"single-file checkpoints are supported for SD1.x only, not {spec.family!r}")
-        pipe = formats.load_sd1_single_file(spec.source, tokenizer=spec.tokenizer, dtype=torch_dtype)
-        family = "sd1"
-        identity = f"single:{fingerprint([spec.source])}"
-    else:  # pragma: no cover - ModelSpec validates kinds
-        raise ModelSourceError(f"unknown source kind {kind!r}")
-
+    torch_dtype, storage = resolve_torch_dtype(spec.dtype, device)
+    pipe, family, identity, revision = _open_source(spec, torch_dtype)
     if revision:
         identity += f"@{revision}"
     if family == "sd1" and getattr(pipe, "safety_checker", None) is not None:
         pipe.safety_checker = None
     pipe.set_progress_bar_config(disable=True)
-    denoiser = pipe.transformer if family == "zimage" else pipe.unet
-    if fp8 is not None:
-        denoiser.enable_layerwise_casting(storage_dtype=fp8, compute_dtype=torch_dtype)
+    if storage is not None:
+        _store_in(pipe, family, storage, torch_dtype)
     if spec.offload != "none" and device.startswith("cuda"):
         if spec.offload == "model":
             pipe.enable_model_cpu_offload(device=device)
@@ -355,5 +318,5 @@ def _load_model(spec: ModelSpec) -> TurboModel:
             comp.requires_grad_(False)
             comp.eval()
     model = TurboModel(spec=spec, family=family, pipe=pipe, identity=identity, device=device, nbytes=module_nbytes(pipe))
-    logger.info("loaded %s (%s, %.1f MB) from %s", FAMILY_LABELS[family], spec.dtype, model.nbytes / 2**20, spec.source)
+    logger.info("loaded %s (%s, %.1f MB) from %s", defaults_for(family).label, spec.dtype, model.nbytes / 2**20, spec.source)
     return model

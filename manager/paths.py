@@ -1,15 +1,21 @@
-"""Safe output names and atomic writes."""
+"""Safe output names, names confined to their folder, and the one atomic writer for files and folders."""
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable, Iterable
 
-from .errors import InvalidInputError
+from .errors import InvalidInputError, TurboBoothError
 
 _SAFE = re.compile(r"[^A-Za-z0-9._ -]+")
+
+
+class WriteError(TurboBoothError, OSError):
+    """A file or folder could not be written; nothing partial was left behind."""
 
 
 def safe_name(name: str, default: str = "turbobooth") -> str:
@@ -19,6 +25,29 @@ def safe_name(name: str, default: str = "turbobooth") -> str:
     parts = [p for p in re.split(r"[\\/]+", name.strip()) if p not in ("", ".", "..")]
     cleaned = _SAFE.sub("_", "_".join(parts)).strip(" .")
     return cleaned[:120] or default
+
+
+def confined(name: str, roots: Iterable[str], what: str, where: str) -> str:
+    """``name`` (relative, from a widget or a request) resolved inside one of ``roots``, or refused.
+
+    Absolute paths, ``..`` and links that lead outside are refused with the same message whether or not the
+    target exists, so the answer never tells what lies outside the folders.
+    """
+    roots = [os.path.realpath(r) for r in roots if r]
+    refuse = InvalidInputError(
+        f"{what} {name!r} must be a name inside {where} (no absolute path, no '..'); put the file there and pick it "
+        "from the list"
+    )
+    if not isinstance(name, str) or not name.strip() or "\x00" in name:
+        raise refuse
+    parts = re.split(r"[\\/]+", name.strip())
+    if os.path.isabs(name) or re.match(r"^[A-Za-z]:", name) or ".." in parts:
+        raise refuse
+    for root in roots:
+        candidate = os.path.realpath(os.path.join(root, *parts))
+        if os.path.commonpath([root, candidate]) == root and os.path.exists(candidate):
+            return candidate
+    raise InvalidInputError(f"{what} {name!r} was not found in {where}; put it there or choose another")
 
 
 def unique_path(folder: str, stem: str, suffix: str, overwrite: bool = False) -> str:
@@ -43,23 +72,90 @@ def check_writable(folder: str) -> None:
         raise InvalidInputError(f"output folder {folder} is not writable; choose another location")
 
 
-def atomic_dir(final: str, write, overwrite: bool = False) -> str:
-    """Build a folder in a temporary sibling, then rename it into place (whole or absent)."""
+def _umask_mode(base: int) -> int:
+    """``base`` with the process umask applied: what a plain open()/mkdir() would give."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return base & ~mask
+
+
+def _size(path: str) -> int:
+    if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+    return os.path.getsize(path) if os.path.exists(path) else 0
+
+
+def _write_error(final: str, tmp: str, e: OSError) -> WriteError:
+    parent = os.path.dirname(os.path.abspath(final))
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        free = shutil.disk_usage(parent).free if os.path.isdir(parent) else 0
+        return WriteError(
+            f"cannot write {final}: the disk is full ({free / 2**20:.1f} MiB free, at least "
+            f"{max(_size(tmp), 1) / 2**20:.1f} MiB more needed); free some space and run again"
+        )
+    return WriteError(f"cannot write {final}: {e.strerror or e}")
+
+
+def atomic_file(final: str, write: Callable[[str], object]) -> str:
+    """``write(tmp_path)`` into a temporary file beside ``final``, then rename it into place.
+
+    The file is whole or absent: on any error or cancel the temporary file is removed. The result has the
+    mode a plain ``open()`` would give (the umask applies).
+    """
+    parent = os.path.dirname(os.path.abspath(final))
+    check_writable(parent)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(final) + ".", suffix=".tmp", dir=parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, _umask_mode(0o666))
+        os.replace(tmp, final)
+    except OSError as e:
+        err = _write_error(final, tmp, e)
+        _remove(tmp)
+        raise err from e
+    except BaseException:
+        _remove(tmp)
+        raise
+    return final
+
+
+def atomic_dir(final: str, write: Callable[[str], object], overwrite: bool = True) -> str:
+    """Build a folder in a temporary sibling with ``write(tmp_dir)``, then rename it into place (whole or absent)."""
     parent = os.path.dirname(os.path.abspath(final))
     check_writable(parent)
     tmp = tempfile.mkdtemp(prefix="." + os.path.basename(final) + ".", dir=parent)
+    old = None
     try:
         write(tmp)
+        os.chmod(tmp, _umask_mode(0o777))
         if os.path.exists(final):
             if not overwrite:
                 raise InvalidInputError(f"{final} already exists; enable overwrite or choose another name")
-            old = final + ".old"
+            old = tempfile.mkdtemp(prefix="." + os.path.basename(final) + ".old.", dir=parent)
+            os.rmdir(old)
             os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        os.replace(tmp, final)
+    except OSError as e:
+        err = _write_error(final, tmp, e)
+        _restore(tmp, old, final)
+        raise err from e
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _restore(tmp, old, final)
         raise
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _restore(tmp: str, old: str | None, final: str) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+    if old and os.path.exists(old) and not os.path.exists(final):
+        os.replace(old, final)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass

@@ -298,7 +298,7 @@ def write_tiny_models(root: str, seed: int = 0, formats: Iterable[str] = ("diffu
         paths["zimage_diffusers"] = save_diffusers(zimage, os.path.join(root, "diffusers", "tiny-zimage-turbo"))
         paths["sd1_diffusers"] = save_diffusers(sd1, os.path.join(root, "diffusers", "tiny-sd15"))
     if "split" in formats or "single_file" in formats:
-        from . import formats as fmt
+        from . import writers as fmt
     if "split" in formats:
         paths["zimage_split"] = fmt.save_zimage_split(zimage, root, name="tiny_zimage")
     if "single_file" in formats:
