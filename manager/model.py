@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,10 +29,22 @@ class TurboModel:
     nbytes: int = 0
     loras: tuple = field(default=())  # applied TurboLora objects, for models returned by training
     extras: dict = field(default_factory=dict)
+    #: held by whoever runs the pipeline or changes its adapters: sampling and training never overlap
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     @property
     def denoiser(self):
         return self.pipe.transformer if self.family == "zimage" else self.pipe.unet
+
+    def base_name(self) -> str:
+        """The base model as LoRA metadata names it: repo id and revision, or file/folder name and a short
+        content hash; never a local path."""
+        spec = self.spec
+        if spec.resolved_kind() == "hub":
+            return f"{spec.source}@{spec.revision or 'main'}"
+        import hashlib
+
+        return f"{os.path.basename(os.path.normpath(spec.source))}#{hashlib.sha256(self.identity.encode()).hexdigest()[:10]}"
 
     @property
     def dtype(self):

@@ -9,7 +9,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterable
 
-from .errors import InvalidInputError, TurboBoothError
+from .errors import InvalidInputError, ModelSourceError, TurboBoothError
 
 _SAFE = re.compile(r"[^A-Za-z0-9._ -]+")
 
@@ -30,10 +30,11 @@ def safe_name(name: str, default: str = "turbobooth") -> str:
 def confined(name: str, roots: Iterable[str], what: str, where: str) -> str:
     """``name`` (relative, from a widget or a request) resolved inside one of ``roots``, or refused.
 
-    Absolute paths, ``..`` and links that lead outside are refused with the same message whether or not the
-    target exists, so the answer never tells what lies outside the folders.
+    Absolute paths and ``..`` are refused with the same message whether or not the target exists, so the answer
+    never tells what lies outside the folders. Links that the owner put inside a folder are followed, as
+    ComfyUI follows them.
     """
-    roots = [os.path.realpath(r) for r in roots if r]
+    roots = [os.path.abspath(r) for r in roots if r]
     refuse = InvalidInputError(
         f"{what} {name!r} must be a name inside {where} (no absolute path, no '..'); put the file there and pick it "
         "from the list"
@@ -44,10 +45,10 @@ def confined(name: str, roots: Iterable[str], what: str, where: str) -> str:
     if os.path.isabs(name) or re.match(r"^[A-Za-z]:", name) or ".." in parts:
         raise refuse
     for root in roots:
-        candidate = os.path.realpath(os.path.join(root, *parts))
+        candidate = os.path.abspath(os.path.join(root, *parts))
         if os.path.commonpath([root, candidate]) == root and os.path.exists(candidate):
             return candidate
-    raise InvalidInputError(f"{what} {name!r} was not found in {where}; put it there or choose another")
+    raise ModelSourceError(f"{what} {name!r} was not found in {where}; put it there or choose another")
 
 
 def unique_path(folder: str, stem: str, suffix: str, overwrite: bool = False) -> str:

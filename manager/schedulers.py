@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from .errors import InvalidInputError
-
-ZIMAGE_SAMPLERS = ("euler", "dpmpp_2m", "unipc")
-SD1_SAMPLERS = ("euler", "euler_a", "dpmpp_2m", "unipc", "ddim", "model_default")
+from .inputs import check_sampler, number
 
 
 def _flow_multistep(cls):
@@ -29,11 +26,8 @@ def _flow_multistep(cls):
 def zimage_scheduler(base_config: dict, sampler: str, shift: float | None):
     from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
-    if sampler not in ZIMAGE_SAMPLERS:
-        raise InvalidInputError(f"sampler {sampler!r} is not available for Z-Image; choose one of {', '.join(ZIMAGE_SAMPLERS)}")
-    shift = float(base_config.get("shift", 3.0)) if shift is None else float(shift)
-    if shift <= 0:
-        raise InvalidInputError(f"shift must be > 0, got {shift}")
+    check_sampler("zimage", sampler)
+    shift = number("shift", base_config.get("shift", 3.0) if shift is None else shift, 0.0, 100.0, lo_open=True)
     if sampler == "euler":
         return FlowMatchEulerDiscreteScheduler.from_config(base_config, shift=shift, use_dynamic_shifting=False)
     common = dict(
@@ -57,8 +51,7 @@ def sd1_scheduler(base_config: dict, sampler: str, base_scheduler=None):
         UniPCMultistepScheduler,
     )
 
-    if sampler not in SD1_SAMPLERS:
-        raise InvalidInputError(f"sampler {sampler!r} is not available for SD1.x; choose one of {', '.join(SD1_SAMPLERS)}")
+    check_sampler("sd1", sampler)
     if sampler == "model_default" and base_scheduler is not None:
         return base_scheduler
     cls = {

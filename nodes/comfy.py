@@ -48,17 +48,13 @@ def folder_roots(kind: str) -> list[str]:
 
 
 def full_path(kind: str, name: str) -> str | None:
+    """The file ``name`` picked from a widget, resolved inside ComfyUI's folders of ``kind`` or refused
+    (absolute paths and ``..`` never reach the filesystem). None for an empty choice."""
+    from ..manager.paths import confined
+
     if not name or name == NONE:
         return None
-    fp = _folder_paths()
-    if fp is not None:
-        try:
-            p = fp.get_full_path(kind, name)
-        except Exception:
-            p = None
-        if p:
-            return p
-    return name if os.path.exists(name) else None
+    return confined(name, folder_roots(kind), f"{kind} file", f"models/{kind}")
 
 
 def diffusers_folders() -> list[str]:
@@ -72,14 +68,6 @@ def diffusers_folders() -> list[str]:
                 found.add(os.path.relpath(dirpath, root))
                 dirnames[:] = []
     return sorted(found)
-
-
-def diffusers_folder_path(name: str) -> str | None:
-    for root in folder_roots("diffusers"):
-        p = os.path.join(root, name)
-        if os.path.isfile(os.path.join(p, "model_index.json")):
-            return p
-    return name if os.path.isdir(name) else None
 
 
 def output_directory() -> str:
@@ -105,10 +93,13 @@ def comfy_bundled_tokenizer(family: str) -> str | None:
     """ComfyUI ships the Qwen and CLIP tokenizers; reuse them for split files and single files."""
     try:
         import comfy
-
-        base = os.path.dirname(comfy.__file__)
     except ImportError:
         return None
+    # comfy.__file__ is None on older ComfyUI (a namespace package); __path__ always names the folder
+    paths = list(getattr(comfy, "__path__", None) or [])
+    if not paths:
+        return None
+    base = paths[0]
     names = ("text_encoders/qwen25_tokenizer",) if family == "zimage" else ("sd1_tokenizer",)
     for n in names:
         p = os.path.join(base, n)

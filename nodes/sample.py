@@ -5,7 +5,7 @@ from __future__ import annotations
 from . import comfy as host
 
 SAMPLERS = ("euler", "dpmpp_2m", "unipc", "euler_a", "ddim")
-MAX_SEED = 0xFFFFFFFFFFFFFFFF
+MAX_SEED = 2**64 - 1  # what the seed widget allows; every value works (seed + i wraps)
 
 
 class TurboSample:
@@ -51,40 +51,28 @@ class TurboSample:
                guidance=None, lora=None, lora_strength=1.0, lora_file=host.NONE, lora_file_strength=1.0,
                init_image=None, mask=None, denoise=1.0, lora_2=None, lora_2_strength=1.0):
         from ..manager.cache import ensure_loaded
-        from ..manager.errors import ModelSourceError
         from ..manager.families import defaults_for
         from ..manager.sampling import generate
 
         model = ensure_loaded(model)
-        loras = []
-        for adapter, strength in ((lora, lora_strength), (lora_2, lora_2_strength)):
-            if adapter is not None:
-                loras.append((adapter, float(strength)))
-        if lora_file and lora_file != host.NONE:
-            from ..manager.lora import load_lora_file
-
-            path = host.full_path("loras", lora_file)
-            if path is None:
-                raise ModelSourceError(f"LoRA file {lora_file!r} was not found in models/loras")
-            loras.append((load_lora_file(path), float(lora_file_strength)))
-        progress = host.Progress(steps or defaults_for(model.family).steps)
+        loras = _loras(((lora, lora_strength), (lora_2, lora_2_strength)), lora_file, lora_file_strength)
         host.share_memory(model)
+        sized = init_image is None  # img2img takes the init image's size
         result = generate(
-            model,
-            prompt,
-            seed=int(seed) % (MAX_SEED + 1),
-            steps=int(steps) if steps else None,
-            width=None if init_image is not None else int(width),
-            height=None if init_image is not None else int(height),
-            images_per_prompt=int(images_per_prompt),
-            sampler=sampler,
-            shift=float(shift) if shift else None,
-            guidance=guidance,
-            loras=loras,
-            init_image=init_image,
-            denoise=float(denoise),
-            mask=mask,
-            on_step=progress,
-            should_stop=host.interrupted,
+            model, prompt, seed=int(seed), steps=int(steps) or None, width=int(width) if sized else None,
+            height=int(height) if sized else None, images_per_prompt=int(images_per_prompt), sampler=sampler,
+            shift=shift or None, guidance=guidance, loras=loras, init_image=init_image, denoise=denoise, mask=mask,
+            on_step=host.Progress(steps or defaults_for(model.family).steps), should_stop=host.interrupted,
         )
         return (result.images, {"samples": result.latents})
+
+
+def _loras(connected, lora_file: str, lora_file_strength: float) -> list:
+    """(TurboLora, strength) pairs: the connected ones, then the file picked from models/loras."""
+    loras = [(adapter, strength) for adapter, strength in connected if adapter is not None]
+    path = host.full_path("loras", lora_file)
+    if path is not None:
+        from ..manager.lora import load_lora_file
+
+        loras.append((load_lora_file(path), lora_file_strength))
+    return loras

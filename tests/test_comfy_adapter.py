@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import types
 
@@ -108,9 +109,16 @@ def tiny(tmp_path_factory):
     return write_tiny_models(str(tmp_path_factory.mktemp("tiny")), formats=("diffusers",))
 
 
+@pytest.fixture(autouse=True)
+def model_folders(tiny, monkeypatch):
+    """ComfyUI's models/diffusers is where the tiny models are (widget names resolve only inside it)."""
+    root = os.path.dirname(tiny["zimage_diffusers"])
+    monkeypatch.setattr(host, "folder_roots", lambda kind: [root] if kind == "diffusers" else [])
+
+
 def _load(tiny):
     return turbobooth.NODE_CLASS_MAPPINGS["TurboBoothLoader"]().load(
-        "diffusers folder", tiny["zimage_diffusers"], "", "main", "(none)", "(none)", "(none)", "(none)",
+        "diffusers folder", os.path.basename(tiny["zimage_diffusers"]), "", "main", "(none)", "(none)", "(none)", "(none)",
         "auto", "fp32", "cpu", "none")[0]
 
 

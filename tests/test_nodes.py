@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 
 import pytest
 import torch
@@ -16,12 +17,21 @@ def tiny(tmp_path_factory):
     return write_tiny_models(str(tmp_path_factory.mktemp("tiny")), formats=("diffusers",))
 
 
+@pytest.fixture(autouse=True)
+def model_folders(tiny, monkeypatch):
+    """ComfyUI's models/diffusers is where the tiny models are (widget names resolve only inside it)."""
+    from turbobooth.nodes import comfy as host
+
+    root = os.path.dirname(tiny["zimage_diffusers"])
+    monkeypatch.setattr(host, "folder_roots", lambda kind: [root] if kind == "diffusers" else [])
+
+
 def node(node_id):
     return turbobooth.NODE_CLASS_MAPPINGS[node_id]()
 
 
 def load(tiny, which="zimage_diffusers", **kw):
-    args = dict(source="diffusers folder", diffusers_model=tiny[which], repo_id="", revision="main",
+    args = dict(source="diffusers folder", diffusers_model=os.path.basename(tiny[which]), repo_id="", revision="main",
                 diffusion_model="(none)", text_encoder="(none)", vae="(none)", checkpoint="(none)",
                 family="auto", dtype="auto", device="auto", offload="none")
     args.update(kw)

@@ -25,13 +25,16 @@ PROBE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lora_keymap_pr
 RANK, ALPHA = 2, 1.0  # alpha != rank, so a loader that ignored .alpha would scale by 1 instead of 0.5
 
 
-def _random_adapters(root, targets, seed: int, te: bool = False) -> dict:
+def _random_adapters(root, targets, seed: int) -> dict:
     """peft-format LoRA tensors for every ``targets`` module of ``root``, random and non-zero."""
-    from turbobooth.manager import lora as L
+    import copy
 
-    L.inject_lora(root, targets, RANK, ALPHA, "probe")
-    shapes = {k: v.shape for k, v in L.extract_lora_state_dict(root, "probe", text_encoder=te).items()}
-    L.remove_adapters(root, ["probe"])
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    probe = inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(targets)),
+                                    copy.deepcopy(root), "probe")
+    shapes = {k: v.shape for k, v in get_peft_model_state_dict(probe, adapter_name="probe").items()}
     gen = torch.Generator().manual_seed(seed)
     return {k: torch.randn(shape, generator=gen) * 0.05 for k, shape in shapes.items()}
 
@@ -40,13 +43,12 @@ def _sd1_lora_file(path: str) -> tuple[str, int, dict]:
     from turbobooth.manager import lora as L
     from turbobooth.manager.families import FAMILIES
     from turbobooth.manager.tiny import build_tiny_sd1
-    from turbobooth.trainer.loop import TE_LORA_TARGETS
 
     pipe = build_tiny_sd1(0)
     unet = _random_adapters(pipe.unet, FAMILIES["sd1"].lora_targets, 1)
-    te = _random_adapters(pipe.text_encoder, TE_LORA_TARGETS, 2, te=True)
-    lora = L.TurboLora("sd1", unet, rank=RANK, alpha=ALPHA, text_encoder_state_dict=te, metadata={"trigger": "sks"})
-    n_modules = len(L.lora_modules(unet)) + len(L.lora_modules(te))
+    te = _random_adapters(pipe.text_encoder, ("q_proj", "k_proj", "v_proj", "out_proj"), 2)
+    lora = L.TurboLora.from_peft("sd1", unet, alpha=ALPHA, text_encoder_state_dict=te, metadata={"trigger": "sks"})
+    n_modules = len(lora.down_keys)
     # SD1.x's head count is not in the weights; ComfyUI takes it from its SD15 config (diffusers'
     # "attention_head_dim" is really the head count for SD1.x).
     unet_config = {"num_heads": int(pipe.unet.config.attention_head_dim), "num_head_channels": -1}
@@ -60,7 +62,7 @@ def _zimage_lora_file(path: str) -> tuple[str, int, dict]:
 
     transformer = build_tiny_zimage(0).transformer
     sd = _random_adapters(transformer, FAMILIES["zimage"].lora_targets, 3)
-    lora = L.TurboLora("zimage", sd, rank=RANK, alpha=ALPHA, metadata={"trigger": "sks"})
+    lora = L.TurboLora.from_peft("zimage", sd, alpha=ALPHA, metadata={"trigger": "sks"})
     cfg = transformer.config
     w1 = transformer.layers[0].feed_forward.w1
     # ComfyUI only knows the full-size Z-Image hyper-parameters; give it the tiny ones that
@@ -78,7 +80,7 @@ def _zimage_lora_file(path: str) -> tuple[str, int, dict]:
         "multiple_of": 1,
         "ffn_dim_multiplier": w1.out_features / cfg.dim,
     }
-    return L.save_lora_file(lora, path), len(L.lora_modules(sd)), unet_config
+    return L.save_lora_file(lora, path), len(lora.down_keys), unet_config
 
 
 def _probe(host: ch.ComfyHost, family: str, model: str, lora: str, unet_config: dict | None = None) -> dict:

@@ -40,7 +40,7 @@ def write_tiny_lora(loras_dir: str, name: str) -> str:
     for module, lin in linears[:2]:
         sd[f"{module}.lora_A.weight"] = torch.randn(2, lin.in_features, generator=gen) * 0.1
         sd[f"{module}.lora_B.weight"] = torch.randn(lin.out_features, 2, generator=gen) * 0.1
-    lora = TurboLora(family="zimage", state_dict=sd, rank=2, alpha=2.0, metadata={"trigger": "sks"})
+    lora = TurboLora.from_peft("zimage", sd, alpha=2.0, metadata={"trigger": "sks"})
     return save_lora_file(lora, os.path.join(loras_dir, name))
 
 
