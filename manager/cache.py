@@ -10,16 +10,16 @@ for example). Holders call :func:`ensure_loaded` to get a live model back.
 from __future__ import annotations
 
 import gc
-import logging
 import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
 
+from .errors import get_logger
 from .model import TurboModel
 from .spec import ModelSpec
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 DEFAULT_BUDGET = int(float(os.environ.get("TURBOBOOTH_CACHE_GB", "48")) * 2**30)
 
@@ -39,8 +39,14 @@ class ModelCache:
 
     def get(self, spec: ModelSpec) -> TurboModel:
         """The cached model for ``spec``; loads it on a miss."""
+        from .loading import file_stamp
+
         with self._lock:
             model = self._items.get(spec)
+            if model is not None and model.extras.get("stamp", "") != file_stamp(spec):
+                logger.info("the files of %s changed on disk; loading them again", spec.source)
+                self.release(spec)
+                model = None
             if model is not None:
                 self._items.move_to_end(spec)
                 return model

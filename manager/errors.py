@@ -5,9 +5,41 @@ Every error names the offending value and what is allowed instead.
 
 from __future__ import annotations
 
+import logging
+import re
+
+# Hugging Face tokens and HTTP credentials, wherever a server or library echoes them back
+_SECRETS = re.compile(r"(hf_[A-Za-z0-9]{8,})|((?:authorization|token)[\"']?\s*[:=]\s*[\"']?(?:bearer\s+)?)[^\s\"',}]+",
+                      re.IGNORECASE)
+
+
+def scrub(text: str) -> str:
+    """``text`` with every token and Authorization value replaced by ``***``."""
+    return _SECRETS.sub(lambda m: "hf_***" if m.group(1) else m.group(2) + "***", str(text))
+
+
+class ScrubFilter(logging.Filter):
+    """Removes tokens from every record our loggers emit, arguments included."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = scrub(record.getMessage())
+        record.args = None
+        return True
+
+
+def get_logger(name: str) -> logging.Logger:
+    """A logger whose records never carry a token (a filter on each logger: filters do not propagate)."""
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, ScrubFilter) for f in logger.filters):
+        logger.addFilter(ScrubFilter())
+    return logger
+
 
 class TurboBoothError(Exception):
-    """Base class for every error TurboBooth raises on purpose."""
+    """Base class for every error TurboBooth raises on purpose; its message never carries a token."""
+
+    def __init__(self, *args):
+        super().__init__(*(scrub(a) if isinstance(a, str) else a for a in args))
 
 
 class ModelSourceError(TurboBoothError):

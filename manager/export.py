@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import tempfile
 
-from .errors import InvalidInputError
+from .errors import InvalidInputError, get_logger
 from .paths import atomic_dir, check_writable, safe_name, unique_path
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 
 def save_lora(lora, folder: str, name: str, overwrite: bool = False) -> str:

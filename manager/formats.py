@@ -12,19 +12,18 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import re
 import shutil
 import tempfile
 from collections.abc import Iterable
 
-from .errors import ModelSourceError, WrongFamilyError
+from .errors import ModelSourceError, WrongFamilyError, get_logger
 from .families import defaults_for
 from .safety import check_safetensors, safetensors_keys
 from .writers import METADATA_CONFIG_KEY, SD1_CLIP_PREFIX, SD1_UNET_PREFIX
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 

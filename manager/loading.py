@@ -14,16 +14,31 @@ import logging
 import os
 import warnings
 
-from .errors import ModelSourceError, UnsafeFileError, WrongFamilyError
+from .errors import ModelSourceError, UnsafeFileError, WrongFamilyError, get_logger
 from .families import FAMILIES, PIPELINE_FAMILIES, defaults_for
 from .model import TurboModel
 from .safety import PICKLE_SUFFIXES, check_safetensors
 from .spec import ModelSpec
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 WEIGHTED_COMPONENTS = ("transformer", "unet", "text_encoder", "vae")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model"]
+
+
+class _DropMessage:
+    """A logging filter that drops one known, meaningless library message."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def filter(self, record) -> bool:
+        return self.text not in record.getMessage()
+
+
+# diffusers warns on every img2img pipeline built from loaded components that an empty list of modules should
+# stay in float32; it names nothing, so it says nothing
+logging.getLogger("diffusers.models.modeling_utils").addFilter(_DropMessage("should be kept in float32: []"))
 
 
 def resolve_torch_dtype(name: str, device: str):
@@ -140,6 +155,23 @@ def fingerprint(paths: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
+def file_stamp(spec: ModelSpec) -> str:
+    """Sizes and modification times of the spec's local weight files: a file replaced at the same path
+    changes it, so the cache and ComfyUI's IS_CHANGED load it again. Empty for hub repos."""
+    kind = spec.resolved_kind()
+    if kind == "hub":
+        return ""
+    files = _folder_weight_files(spec.source) if kind == "diffusers" else [spec.source, spec.text_encoder, spec.vae]
+    h = hashlib.sha256()
+    for p in sorted(f for f in files if f):
+        try:
+            st = os.stat(p)
+            h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode())
+        except OSError:
+            h.update(f"{p}|missing".encode())
+    return h.hexdigest()[:16]
+
+
 def _folder_weight_files(folder: str) -> list[str]:
     out = []
     for comp in WEIGHTED_COMPONENTS:
@@ -171,23 +203,24 @@ def hub_snapshot(repo_id: str, revision: str | None) -> tuple[str, str]:
             local_files_only=offline,
         )
     except RevisionNotFoundError as e:
-        raise ModelSourceError(f"revision {revision!r} does not exist in {repo_id}; use a branch, tag or commit of it") from e
+        raise ModelSourceError(f"revision {revision!r} does not exist in {repo_id}; use a branch, tag or commit of it") from None
     except GatedRepoError as e:
         raise ModelSourceError(
             f"{repo_id} is gated: accept its licence on the Hub and set HF_TOKEN (or run `hf auth login`)"
-        ) from e
+        ) from None
     except RepositoryNotFoundError as e:
         raise ModelSourceError(
             f"Hugging Face repo {repo_id!r} was not found (or is private: set HF_TOKEN); check the spelling"
-        ) from e
+        ) from None
     except LocalEntryNotFoundError as e:
         where = "HF_HUB_OFFLINE is set and" if offline else "the Hub is unreachable and"
         raise ModelSourceError(
             f"{repo_id}@{revision} is not available: {where} the local Hugging Face cache has no snapshot of that "
             "revision. Download it once while online, or pick a cached revision"
-        ) from e
+        ) from None
     except (OSError, ValueError) as e:
-        raise ModelSourceError(f"could not fetch {repo_id}@{revision}: {type(e).__name__}: {e}") from e
+        # from None: the library's own exception may carry the server's echo of a token or header
+        raise ModelSourceError(f"could not fetch {repo_id}@{revision}: {type(e).__name__}: {e}") from None
     return path, os.path.basename(os.path.normpath(path))
 
 
@@ -317,6 +350,7 @@ def _load_model(spec: ModelSpec) -> TurboModel:
         if isinstance(comp, torch.nn.Module):
             comp.requires_grad_(False)
             comp.eval()
-    model = TurboModel(spec=spec, family=family, pipe=pipe, identity=identity, device=device, nbytes=module_nbytes(pipe))
+    model = TurboModel(spec=spec, family=family, pipe=pipe, identity=identity, device=device, nbytes=module_nbytes(pipe),
+                       extras={"stamp": file_stamp(spec)})
     logger.info("loaded %s (%s, %.1f MB) from %s", defaults_for(family).label, spec.dtype, model.nbytes / 2**20, spec.source)
     return model

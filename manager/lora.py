@@ -19,7 +19,6 @@ Ours, because no library has it: reading ComfyUI's own trainer output (fused ``a
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import uuid
@@ -27,10 +26,10 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from .errors import InvalidInputError, WrongFamilyError
+from .errors import InvalidInputError, WrongFamilyError, get_logger
 from .paths import atomic_file
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 FORMAT_VERSION = "2"
 ADAPTER_PREFIX = "turbobooth_"

@@ -15,12 +15,11 @@ files. Written by hand here, because no library does it:
 from __future__ import annotations
 
 import datetime
-import logging
 import re
 
-from .errors import InvalidInputError
+from .errors import InvalidInputError, get_logger
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 _COMFY_ZIMAGE_NAMES = (("x_embedder.", "all_x_embedder.2-1."), ("final_layer.", "all_final_layer.2-1."))
 _FORMATS_HELP = (

@@ -8,12 +8,11 @@ Inputs are checked in :mod:`.inputs` before anything runs.
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .errors import Interrupted, InvalidInputError
+from .errors import Interrupted, InvalidInputError, get_logger
 from .families import defaults_for
 from .inputs import (  # noqa: F401  (Guidance, parse_prompts and check_size are part of this module's API)
     MAX_IMAGES,
@@ -27,7 +26,7 @@ from .inputs import (  # noqa: F401  (Guidance, parse_prompts and check_size are
 )
 from .model import TurboModel
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 EMBED_CACHE_SIZE = 64
 ENCODE_CHUNK = 16  # prompts per text-encoder call; cancel is checked between chunks

@@ -10,11 +10,12 @@ the demo and the benchmarks use them in place of the multi-gigabyte weights.
 from __future__ import annotations
 
 import json
-import logging
 import os
 from collections.abc import Iterable
 
-logger = logging.getLogger(__name__)
+from .errors import get_logger
+
+logger = get_logger(__name__)
 
 # Qwen3's chat format, written for the tiny tokenizer. ZImagePipeline renders
 # prompts with add_generation_prompt=True and enable_thinking=True.

@@ -22,16 +22,15 @@ size (a tiny test model, a fine-tune) loads back with its own configs; files fro
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from .errors import ModelSourceError
+from .errors import ModelSourceError, get_logger
 from .paths import atomic_dir, atomic_file
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 #: Metadata entry (JSON) that carries the exact component configs of files written here.
 METADATA_CONFIG_KEY = "turbobooth.config"

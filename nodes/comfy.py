@@ -8,11 +8,12 @@ classes also work (and are tested) without ComfyUI.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
-logger = logging.getLogger("turbobooth")
+from ..manager.errors import get_logger
+
+logger = get_logger("turbobooth")
 
 NONE = "(none)"
 
@@ -280,6 +281,11 @@ def share_memory(model) -> None:
                 self.turbo_model = None
 
             if modern:
+
+                def load(self, *args, **kwargs):
+                    """The stand-in module holds no weights to move; ComfyUI would log a meaningless
+                    "95367431640625005117571072.00 MB usable" line for it."""
+                    return None
 
                 def detach(self, unpatch_all=True):
                     if unpatch_all:

@@ -69,6 +69,17 @@ class TurboLoader:
         except InvalidInputError as e:
             return str(e)
 
+    @classmethod
+    def IS_CHANGED(cls, source="", **values):
+        """A weights file replaced at the same path makes ComfyUI run the node again (and the cache reload it)."""
+        from ..manager.loading import file_stamp
+        from ..manager.sources import spec_for
+
+        try:
+            return file_stamp(spec_for(source, values, host.folder_roots, lambda family: None))
+        except Exception:  # a bad choice is reported by VALIDATE_INPUTS and the load itself
+            return ""
+
     def load(self, source, diffusers_model, repo_id, revision, diffusion_model, text_encoder, vae, checkpoint,
              family, dtype, device, offload):
         from ..manager.cache import CACHE, get_model

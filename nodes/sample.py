@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from . import comfy as host
 
 SAMPLERS = ("euler", "dpmpp_2m", "unipc", "euler_a", "ddim")
@@ -46,6 +48,16 @@ class TurboSample:
                 "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "With an init image: 1 repaints fully, lower keeps more of it. The output takes the init image's size."}),
             },
         }
+
+    @classmethod
+    def IS_CHANGED(cls, lora_file=host.NONE, **_):
+        """A LoRA file replaced at the same path makes ComfyUI run the node again."""
+        try:
+            path = host.full_path("loras", lora_file)
+            st = os.stat(path) if path else None
+        except Exception:  # reported by the run itself
+            return ""
+        return f"{st.st_size}:{st.st_mtime_ns}" if st else ""
 
     def sample(self, model, prompt, seed, steps, width, height, images_per_prompt, sampler, shift,
                guidance=None, lora=None, lora_strength=1.0, lora_file=host.NONE, lora_file_strength=1.0,

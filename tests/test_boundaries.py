@@ -219,3 +219,72 @@ def test_cancel_while_encoding_a_long_prompt_box(folders):
     assert len(calls) == 2, "cancel must stop between text-encoder batches, not after all of them"
     with pytest.raises(InvalidInputError, match=f"more than the {MAX_PROMPTS}"):
         generate(model, prompts + "\none more", steps=1, width=32, height=32)
+
+
+# ---------------------------------------------------------------- tokens, changed files, log noise
+
+
+def test_hub_errors_never_carry_a_token(monkeypatch, caplog):
+    import huggingface_hub
+    from turbobooth.manager.loading import hub_snapshot
+
+    token = "hf_" + "Ab3" * 12
+    monkeypatch.setenv("HF_TOKEN", token)
+
+    def echo(**kwargs):
+        raise OSError(f"401 Client Error for url ... request headers: {{'authorization': 'Bearer {token}'}} {token}")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", echo)
+    with caplog.at_level("DEBUG"), pytest.raises(ModelSourceError) as err:
+        hub_snapshot("org/private-model", "main")
+    import traceback
+
+    text = "".join(traceback.format_exception(err.value)) + caplog.text  # what ComfyUI shows and logs
+    assert token not in text and "Bearer" not in text.replace("Bearer ***", "")
+    assert "org/private-model@main" in str(err.value)
+    from turbobooth.manager.errors import get_logger
+
+    with caplog.at_level("INFO"):
+        get_logger("turbobooth.test").info("using %s", token)
+    assert token not in caplog.text and "hf_***" in caplog.text
+
+
+def test_a_model_file_replaced_at_the_same_path_is_reloaded(tiny, tmp_path):
+    import shutil
+
+    from turbobooth.manager.cache import ModelCache
+    from turbobooth.manager.spec import ModelSpec
+
+    path = tmp_path / "model.safetensors"
+    shutil.copy(tiny["sd1_single_file"], path)
+    shutil.copytree(tiny["sd1_tokenizer"], tmp_path / "model_tokenizer")
+    cache = ModelCache(budget_bytes=1 << 40)
+    spec = ModelSpec(str(path))
+    first = cache.get(spec)
+    assert cache.get(spec) is first and cache.loads == 1
+    stamp = _node("TurboBoothSample").IS_CHANGED(lora_file="(none)")
+    os.utime(path, ns=(1, 1))  # "replaced": another modification time
+    second = cache.get(spec)
+    assert second is not first and cache.loads == 2
+    assert stamp == ""
+
+
+def test_loader_and_sampler_report_file_changes_to_comfyui(folders, tiny):
+    import shutil
+
+    shutil.copy(tiny["zimage_split"]["vae"], folders.loras / "x.safetensors")
+    sample_stamp = _node("TurboBoothSample").IS_CHANGED(lora_file="x.safetensors")
+    loader = _node("TurboBoothLoader")
+    values = dict(source="split files", diffusion_model="tiny_zimage.safetensors",
+                  text_encoder="tiny_zimage_qwen3.safetensors", vae="tiny_zimage_ae.safetensors")
+    load_stamp = loader.IS_CHANGED(**values)
+    os.utime(folders.loras / "x.safetensors", ns=(5, 5))
+    assert _node("TurboBoothSample").IS_CHANGED(lora_file="x.safetensors") != sample_stamp
+    assert load_stamp and loader.IS_CHANGED(**values) == load_stamp
+
+
+def test_img2img_logs_no_empty_float32_warning(folders, caplog):
+    model = _load()
+    with caplog.at_level("WARNING"):
+        _sample(model, init_image=torch.rand(1, 32, 32, 3), denoise=0.5)
+    assert "kept in float32: []" not in caplog.text
