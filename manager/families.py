@@ -30,33 +30,14 @@ class FamilyDefaults:
         return getattr(diffusers, self.pipelines[("text2img", "img2img", "inpaint").index(task)])
 
 
-ZIMAGE = FamilyDefaults(
-    name="zimage",
-    label="Z-Image",
-    steps=8,
-    guidance=0.0,
-    size_multiple=16,
-    default_size=1024,
-    lora_targets=("to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3"),
-    max_sequence_length=512,
-    denoiser="transformer",
-    pipelines=("ZImagePipeline", "ZImageImg2ImgPipeline", "ZImageInpaintPipeline"),
-    samplers=("euler", "dpmpp_2m", "unipc"),
-)
-
-SD1 = FamilyDefaults(
-    name="sd1",
-    label="Stable Diffusion 1.x",
-    steps=25,
-    guidance=7.5,
-    size_multiple=8,
-    default_size=512,
-    lora_targets=("to_q", "to_k", "to_v", "to_out.0"),
-    max_sequence_length=77,
-    denoiser="unet",
-    pipelines=("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"),
-    samplers=("euler", "euler_a", "dpmpp_2m", "unipc", "ddim", "model_default"),
-)
+# name, label, steps, guidance, size multiple, default size, LoRA targets, max sequence length, denoiser,
+# pipelines (text-to-image, img2img, inpaint), samplers
+ZIMAGE = FamilyDefaults("zimage", "Z-Image", 8, 0.0, 16, 1024, ("to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3"),
+                        512, "transformer", ("ZImagePipeline", "ZImageImg2ImgPipeline", "ZImageInpaintPipeline"),
+                        ("euler", "dpmpp_2m", "unipc"))
+SD1 = FamilyDefaults("sd1", "Stable Diffusion 1.x", 25, 7.5, 8, 512, ("to_q", "to_k", "to_v", "to_out.0"), 77, "unet",
+                     ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"),
+                     ("euler", "euler_a", "dpmpp_2m", "unipc", "ddim", "model_default"))
 
 FAMILIES = {"zimage": ZIMAGE, "sd1": SD1}
 #: diffusers pipeline class name -> family

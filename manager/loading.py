@@ -125,22 +125,24 @@ def inspect_diffusers_folder(folder: str, expected_family: str = "auto") -> str:
                 f"{folder} is missing the '{comp}' component that a {defaults_for(family).label} model needs; "
                 "the download is incomplete"
             )
-    for comp in WEIGHTED_COMPONENTS:
-        if comp not in info:
-            continue
-        files = _component_weights(folder, comp)
-        safes = [f for f in files if f.endswith(".safetensors")]
-        pickles = [f for f in files if f.lower().endswith(PICKLE_SUFFIXES)]
-        if not safes and pickles:
-            raise UnsafeFileError(
-                f"{os.path.join(folder, comp)} has only pickle weights ({os.path.basename(pickles[0])}); "
-                "TurboBooth loads only .safetensors. Download the safetensors variant."
-            )
-        if not safes:
-            raise ModelSourceError(f"{os.path.join(folder, comp)} has no .safetensors weights; the download is incomplete")
-        for f in safes:
-            check_safetensors(f)
+    for comp in (c for c in WEIGHTED_COMPONENTS if c in info):
+        _check_weights(os.path.join(folder, comp), _component_weights(folder, comp))
     return family
+
+
+def _check_weights(where: str, files: list[str]) -> None:
+    """A component folder holds whole safetensors weights, not (only) pickles."""
+    safes = [f for f in files if f.endswith(".safetensors")]
+    pickles = [f for f in files if f.lower().endswith(PICKLE_SUFFIXES)]
+    if not safes and pickles:
+        raise UnsafeFileError(
+            f"{where} has only pickle weights ({os.path.basename(pickles[0])}); "
+            "TurboBooth loads only .safetensors. Download the safetensors variant."
+        )
+    if not safes:
+        raise ModelSourceError(f"{where} has no .safetensors weights; the download is incomplete")
+    for f in safes:
+        check_safetensors(f)
 
 
 def fingerprint(paths: list[str]) -> str:
@@ -202,17 +204,17 @@ def hub_snapshot(repo_id: str, revision: str | None) -> tuple[str, str]:
             allow_patterns=HUB_PATTERNS,
             local_files_only=offline,
         )
-    except RevisionNotFoundError as e:
+    except RevisionNotFoundError:
         raise ModelSourceError(f"revision {revision!r} does not exist in {repo_id}; use a branch, tag or commit of it") from None
-    except GatedRepoError as e:
+    except GatedRepoError:
         raise ModelSourceError(
             f"{repo_id} is gated: accept its licence on the Hub and set HF_TOKEN (or run `hf auth login`)"
         ) from None
-    except RepositoryNotFoundError as e:
+    except RepositoryNotFoundError:
         raise ModelSourceError(
             f"Hugging Face repo {repo_id!r} was not found (or is private: set HF_TOKEN); check the spelling"
         ) from None
-    except LocalEntryNotFoundError as e:
+    except LocalEntryNotFoundError:
         where = "HF_HUB_OFFLINE is set and" if offline else "the Hub is unreachable and"
         raise ModelSourceError(
             f"{repo_id}@{revision} is not available: {where} the local Hugging Face cache has no snapshot of that "

@@ -114,10 +114,29 @@ def build_clip_tokenizer():
     return tok
 
 
-def _seeded(seed: int):
+# Tiny widths with the real topologies; the VAEs share Z-Image's and SD1.x's x8, 4-level layout.
+_VAE = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+            up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[32, 32, 32, 32], layers_per_block=1,
+            norm_num_groups=32, sample_size=64)
+_ZIMAGE_TRANSFORMER = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=64, n_layers=2,
+                           n_refiner_layers=1, n_heads=2, n_kv_heads=2, norm_eps=1e-5, qk_norm=True, cap_feat_dim=32,
+                           rope_theta=256.0, t_scale=1000.0, axes_dims=[8, 12, 12], axes_lens=[256, 64, 64])
+_SD1_UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 32, 64, 64),
+                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                 layers_per_block=1, attention_head_dim=8, cross_attention_dim=32, norm_num_groups=32)
+
+
+def _seeded(seed: int, *factories) -> list:
+    """Build each part with the global RNG seeded ``seed + i`` (the same weights on every machine)."""
     import torch
 
-    torch.manual_seed(seed)
+    parts = []
+    for i, make in enumerate(factories):
+        torch.manual_seed(seed + i)
+        parts.append(make())
+        parts[-1].eval()
+    return parts
 
 
 def build_tiny_zimage(seed: int = 0):
@@ -127,68 +146,26 @@ def build_tiny_zimage(seed: int = 0):
     from transformers import Qwen3Config, Qwen3Model
 
     tokenizer = build_qwen_tokenizer()
-    _seeded(seed)
-    text_encoder = Qwen3Model(
-        Qwen3Config(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=16,
-            vocab_size=len(tokenizer),
-            max_position_embeddings=512,
-            rope_theta=1_000_000.0,
-            rms_norm_eps=1e-6,
-            tie_word_embeddings=True,
-        )
-    )
-    _seeded(seed + 1)
-    transformer = ZImageTransformer2DModel(
-        all_patch_size=(2,),
-        all_f_patch_size=(1,),
-        in_channels=16,
-        dim=64,
-        n_layers=2,
-        n_refiner_layers=1,
-        n_heads=2,
-        n_kv_heads=2,
-        norm_eps=1e-5,
-        qk_norm=True,
-        cap_feat_dim=32,
-        rope_theta=256.0,
-        t_scale=1000.0,
-        axes_dims=[8, 12, 12],
-        axes_lens=[256, 64, 64],
-    )
-    with torch.no_grad():
-        # These two are created with torch.empty; give them defined values.
-        transformer.x_pad_token.normal_(0.0, 0.02)
-        transformer.cap_pad_token.normal_(0.0, 0.02)
-    _seeded(seed + 2)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4,
-        block_out_channels=[32, 32, 32, 32],
-        layers_per_block=1,
-        latent_channels=16,
-        norm_num_groups=32,
-        sample_size=64,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        mid_block_add_attention=True,
+
+    def transformer():
+        model = ZImageTransformer2DModel(**_ZIMAGE_TRANSFORMER)
+        with torch.no_grad():  # these two are created with torch.empty; give them defined values
+            model.x_pad_token.normal_(0.0, 0.02)
+            model.cap_pad_token.normal_(0.0, 0.02)
+        return model
+
+    text_encoder, dit, vae = _seeded(
+        seed,
+        lambda: Qwen3Model(Qwen3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                       num_key_value_heads=1, head_dim=16, vocab_size=len(tokenizer),
+                                       max_position_embeddings=512, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+                                       tie_word_embeddings=True)),
+        transformer,
+        lambda: AutoencoderKL(**_VAE, latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159,
+                              use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=True),
     )
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
-    pipe = ZImagePipeline(
-        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
-    )
-    for module in (text_encoder, transformer, vae):
-        module.eval()
-    return pipe
+    return ZImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=dit)
 
 
 def build_tiny_sd1(seed: int = 0):
@@ -196,71 +173,21 @@ def build_tiny_sd1(seed: int = 0):
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    tokenizer = build_clip_tokenizer()
-    _seeded(seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=77,
-            vocab_size=len(tokenizer),
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            projection_dim=32,
-            hidden_act="quick_gelu",
-        )
+    tok = build_clip_tokenizer()
+    text_encoder, unet, vae = _seeded(
+        seed,
+        lambda: CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=2, max_position_embeddings=77, vocab_size=len(tok),
+                                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                             pad_token_id=tok.pad_token_id, projection_dim=32, hidden_act="quick_gelu")),
+        lambda: UNet2DConditionModel(**_SD1_UNET),
+        lambda: AutoencoderKL(**_VAE, latent_channels=4, scaling_factor=0.18215),
     )
-    _seeded(seed + 1)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(32, 32, 64, 64),
-        layers_per_block=1,
-        attention_head_dim=8,
-        cross_attention_dim=32,
-        norm_num_groups=32,
-    )
-    _seeded(seed + 2)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4,
-        block_out_channels=[32, 32, 32, 32],
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=64,
-        scaling_factor=0.18215,
-    )
-    scheduler = EulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type="epsilon",
-        timestep_spacing="leading",
-        steps_offset=1,
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    for module in (text_encoder, unet, vae):
-        module.eval()
-    return pipe
+    scheduler = EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                       beta_schedule="scaled_linear", prediction_type="epsilon",
+                                       timestep_spacing="leading", steps_offset=1)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
 def save_diffusers(pipe, folder: str) -> str:

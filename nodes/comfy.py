@@ -27,25 +27,21 @@ def _folder_paths():
         return None
 
 
+def _ask(method: str, kind: str) -> list[str]:
+    fp = _folder_paths()
+    try:
+        return list(getattr(fp, method)(kind)) if fp is not None else []
+    except Exception:  # a folder kind this ComfyUI does not know
+        return []
+
+
 def folder_list(kind: str) -> list[str]:
     """Filenames ComfyUI knows for a model folder kind ("loras", "vae", ...)."""
-    fp = _folder_paths()
-    if fp is None:
-        return []
-    try:
-        return sorted(fp.get_filename_list(kind))
-    except Exception:  # unknown folder kind on an older ComfyUI
-        return []
+    return sorted(_ask("get_filename_list", kind))
 
 
 def folder_roots(kind: str) -> list[str]:
-    fp = _folder_paths()
-    if fp is None:
-        return []
-    try:
-        return list(fp.get_folder_paths(kind))
-    except Exception:
-        return []
+    return _ask("get_folder_paths", kind)
 
 
 def full_path(kind: str, name: str) -> str | None:
@@ -242,75 +238,77 @@ def estimate_bytes(paths) -> int:
     return total
 
 
+def _patcher_class():
+    """A ModelPatcher that stands for a TurboModel in ComfyUI's loaded-model list; unloading it releases the
+    model from our cache. Built once, on the ModelPatcher of the running ComfyUI."""
+    import comfy.model_patcher
+
+    from ..manager import cache
+
+    if "class" in _patchers:
+        return _patchers["class"]
+    base = comfy.model_patcher.ModelPatcher
+
+    class TurboBoothPatcher(base):
+        def _release(self):
+            target = getattr(self, "turbo_model", None)
+            if target is not None and cache.CACHE.peek(target.spec) is target:
+                cache.CACHE.release(target.spec)
+            # keep the patcher referenced: freeing it inside ComfyUI's unload would fire ComfyUI's
+            # model finalizer in the middle of free_memory()
+            self.turbo_model = None
+
+        if hasattr(base, "detach"):  # ComfyUI >= mid-2024 unloads through detach()/partially_unload()
+
+            def load(self, *args, **kwargs):
+                """The stand-in module holds no weights to move; ComfyUI would log a meaningless
+                "95367431640625005117571072.00 MB usable" line for it."""
+                return None
+
+            def detach(self, unpatch_all=True):
+                if unpatch_all:
+                    self._release()
+                return super().detach(unpatch_all)
+
+            def partially_unload(self, *args, **kwargs):
+                size = self.turbo_model.nbytes if getattr(self, "turbo_model", None) is not None else 0
+                self._release()
+                return size
+
+        else:
+
+            def unpatch_model(self, *args, **kwargs):
+                self._release()
+                return super().unpatch_model(*args, **kwargs)
+
+    _patchers["class"] = TurboBoothPatcher
+    return TurboBoothPatcher
+
+
 def share_memory(model) -> None:
     """Tell ComfyUI about our weights: it frees room for them, and unloading releases them.
 
-    A ModelPatcher that stands for the TurboModel is registered with
-    ``comfy.model_management.load_models_gpu``: ComfyUI first frees memory on
-    the device for it, and when ComfyUI unloads it (the "Free model and node
-    cache" button, ``unload_all_models()``, or memory pressure from another
-    model) the TurboModel is released from our cache.
+    The stand-in patcher is registered with ``comfy.model_management.load_models_gpu``: ComfyUI first frees
+    memory on the device for it, and when ComfyUI unloads it (the "Free model and node cache" button,
+    ``unload_all_models()``, or memory pressure from another model) the TurboModel is released from our cache.
     """
     try:
         import comfy.model_management as mm
-        import comfy.model_patcher
     except ImportError:
         return
     import torch
 
-    from ..manager import cache
-
-    key = id(model)
-    patcher = _patchers.get(key)
-    if patcher is not None and getattr(patcher, "turbo_model", None) is not model:
-        patcher = None  # released earlier: register a fresh one
-    if patcher is None:
-        base = comfy.model_patcher.ModelPatcher
-
-        modern = hasattr(base, "detach")  # ComfyUI >= mid-2024 unloads through detach()/partially_unload()
-
-        class TurboBoothPatcher(base):
-            """Stands for a TurboModel in ComfyUI's loaded-model list; unloading it releases the model."""
-
-            def _release(self):
-                target = getattr(self, "turbo_model", None)
-                if target is not None and cache.CACHE.peek(target.spec) is target:
-                    cache.CACHE.release(target.spec)
-                # keep the patcher referenced: freeing it inside ComfyUI's unload would fire ComfyUI's
-                # model finalizer in the middle of free_memory()
-                self.turbo_model = None
-
-            if modern:
-
-                def load(self, *args, **kwargs):
-                    """The stand-in module holds no weights to move; ComfyUI would log a meaningless
-                    "95367431640625005117571072.00 MB usable" line for it."""
-                    return None
-
-                def detach(self, unpatch_all=True):
-                    if unpatch_all:
-                        self._release()
-                    return super().detach(unpatch_all)
-
-                def partially_unload(self, *args, **kwargs):
-                    size = self.turbo_model.nbytes if getattr(self, "turbo_model", None) is not None else 0
-                    self._release()
-                    return size
-
-            else:
-
-                def unpatch_model(self, *args, **kwargs):
-                    self._release()
-                    return super().unpatch_model(*args, **kwargs)
-
+    patcher = _patchers.get(id(model))
+    if patcher is None or getattr(patcher, "turbo_model", None) is not model:  # new, or released earlier
+        cls = _patcher_class()
         device = torch.device(model.device)
         offload = mm.unet_offload_device() if hasattr(mm, "unet_offload_device") else torch.device("cpu")
         try:
-            patcher = TurboBoothPatcher(torch.nn.Module(), load_device=device, offload_device=offload, size=model.nbytes)
+            patcher = cls(torch.nn.Module(), load_device=device, offload_device=offload, size=model.nbytes)
         except TypeError:
-            patcher = TurboBoothPatcher(torch.nn.Module(), device, offload, model.nbytes)
+            patcher = cls(torch.nn.Module(), device, offload, model.nbytes)
         patcher.turbo_model = model
-        _patchers[key] = patcher
+        _patchers[id(model)] = patcher
     try:
         mm.load_models_gpu([patcher])
     except Exception:
