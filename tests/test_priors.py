@@ -104,3 +104,44 @@ def test_bad_inputs(model, tmp_path):
         _cache(model, tmp_path, width=40)
     with pytest.raises(InvalidInputError, match=">= 1"):
         _cache(model, tmp_path).ensure(0)
+
+
+def test_every_seed_works_including_the_largest(model, tmp_path):
+    assert priors.seed_runs(5, 4) == [(5, 4)]
+    assert priors.seed_runs(2**64 - 2, 4) == [(2**64 - 2, 2), (0, 2)]
+    top = _cache(model, tmp_path, seed=2**64 - 1)
+    paths = top.ensure(5)  # the first batch wraps past 2**64 - 1; the second starts at seed 3
+    assert len(paths) == 5
+    # image i uses seed (seed + i) mod 2**64: image 1 of the top seed is image 0 of seed 0
+    zero = _cache(model, tmp_path / "zero", seed=0).ensure(1)
+    assert open(paths[1], "rb").read() == open(zero[0], "rb").read()
+    with pytest.raises(InvalidInputError, match="2\\*\\*64 - 1"):
+        _cache(model, tmp_path, seed=2**64)
+
+
+def test_failed_write_removes_its_temp_file(model, tmp_path, monkeypatch):
+    import errno
+
+    from turbobooth.manager.paths import WriteError
+
+    def full(path, data):
+        with open(path, "wb") as f:
+            f.write(data[:10])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    cache = _cache(model, tmp_path)
+    monkeypatch.setattr(priors, "_write_bytes", full)
+    with pytest.raises(WriteError, match=r"disk is full .* MiB more needed"):
+        cache.ensure(1)
+    assert not os.path.isdir(cache.folder) or os.listdir(cache.folder) == []
+
+
+def test_prior_image_gen_node_takes_the_largest_seed(model, tmp_path, monkeypatch):
+    import turbobooth
+    from turbobooth.nodes import comfy as host
+
+    monkeypatch.setattr(host, "output_directory", lambda: str(tmp_path))
+    node = turbobooth.NODE_CLASS_MAPPINGS["TurboBoothPriorImageGen"]()
+    max_seed = node.INPUT_TYPES()["required"]["seed"][1]["max"]
+    (images,) = node.generate(model, "a photo of dog", 5, max_seed, 32, 32, 1)
+    assert tuple(images.shape) == (5, 32, 32, 3) and max_seed == 2**64 - 1

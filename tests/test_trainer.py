@@ -48,8 +48,7 @@ def _same_state(before, module):
 
 
 def _same_lora(a, b):
-    return set(a.state_dict) == set(b.state_dict) and all(torch.equal(a.state_dict[k], b.state_dict[k])
-                                                          for k in a.state_dict)
+    return set(a.tensors) == set(b.tensors) and all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +88,8 @@ def test_training_lowers_instance_loss_and_leaves_base_untouched(zmodel, tmp_pat
         trained_loss = _eval_loss(zmodel, images, "a photo of sks dog")
     assert trained_loss < base_loss * 0.98, (base_loss, trained_loss)
     meta = result.lora.metadata
-    assert meta["trigger"] == "a photo of sks dog" and meta["base_identity"] == "tiny-zimage" and meta["steps"] == "25"
+    assert meta["trigger"] == "a photo of sks dog" and meta["steps"] == "25" and meta["resolution"] == "32"
+    assert meta["base_model"] == zmodel.base_name() and "base_identity" not in meta
 
 
 def test_every_element_keeps_its_own_prompt(zmodel, tmp_path, monkeypatch):
@@ -272,10 +272,13 @@ def test_checkpoint_from_another_model_or_config_is_refused(zmodel, tmp_path):
 
 def test_validation_preview_and_training_adapter(zmodel, tmp_path):
     # a "training adapter" LoRA: active while training, off for previews and not part of the result
-    L.inject_lora(zmodel.denoiser, ("to_q",), 2, 2, "tmp")
-    sd = {k: torch.randn_like(v) * 0.01 for k, v in L.extract_lora_state_dict(zmodel.denoiser, "tmp").items()}
-    L.remove_adapters(zmodel.denoiser, ["tmp"])
-    adapter = L.save_lora_file(L.TurboLora("zimage", sd, 2, 2.0), str(tmp_path / "adapter.safetensors"))
+    sd = {}
+    for name, module in zmodel.denoiser.named_modules():
+        if name.endswith(".to_q"):
+            sd[f"{name}.lora_A.weight"] = torch.randn(2, module.in_features) * 0.01
+            sd[f"{name}.lora_B.weight"] = torch.randn(module.out_features, 2) * 0.01
+    adapter_lora = L.TurboLora.from_peft("zimage", sd, 2.0)
+    adapter = L.save_lora_file(adapter_lora, str(tmp_path / "adapter.safetensors"))
     before = _state(zmodel.denoiser)
     previews = []
     result = loop.train(zmodel, _cfg(tmp_path, steps=2, validation_every=1, validation_prompt="a photo of sks dog",
@@ -283,7 +286,7 @@ def test_validation_preview_and_training_adapter(zmodel, tmp_path):
                         _squares(RED), on_step=lambda s, t, p: previews.append(p))
     assert all(isinstance(p, Image.Image) and p.size == (32, 32) for p in previews) and len(previews) == 2
     assert "training_adapter" in result.lora.metadata and result.lora.metadata["training_adapter"] == "adapter.safetensors"
-    assert len(L.lora_modules(result.lora.state_dict)) > len(L.lora_modules(sd))
+    assert len(result.lora.down_keys) > len(adapter_lora.down_keys)
     assert _same_state(before, zmodel.denoiser)
 
 
@@ -304,3 +307,215 @@ def test_sd1_lora_with_text_encoder_and_full_finetune(tmp_path):
                                                          unet_before.values(), strict=True))
     assert changed
     assert _same_state(unet_before, model.denoiser) and _same_state(te_before, model.pipe.text_encoder)
+
+
+# ---- defects: NaN, seeds, cancel, temp files, modes, lock, adapters, precision, logging -------------
+
+
+def _finite_files(folder):
+    """(files checked, all finite) over every safetensors file below ``folder``."""
+    from safetensors.torch import load_file
+
+    paths = [os.path.join(d, n) for d, _, names in os.walk(folder) for n in names if n.endswith(".safetensors")]
+    return len(paths), all(bool(t.isfinite().all()) for p in paths for t in load_file(p).values()
+                           if t.is_floating_point())
+
+
+def test_diverging_loss_stops_with_a_clear_error_and_writes_nothing_non_finite(zmodel, tmp_path):
+    before = _state(zmodel.denoiser)
+    cfg = _cfg(tmp_path, "nan", steps=10, lr=1e6, checkpoint_every=1, keep_last=20)
+    with pytest.raises(InvalidInputError, match=r"loss became NaN at step \d+; lower the learning rate"):
+        loop.train(zmodel, cfg, _squares(RED))
+    n, finite = _finite_files(cfg.output_dir)
+    assert n >= 1 and finite
+    assert _same_state(before, zmodel.denoiser)
+
+
+def test_injected_nan_never_reaches_a_checkpoint(zmodel, tmp_path, monkeypatch):
+    real, calls = loop._Objective.predict_and_target, []
+
+    def poisoned(self, *args):
+        pred, target = real(self, *args)
+        calls.append(1)
+        return (pred * float("nan"), target) if len(calls) == 3 else (pred, target)
+
+    monkeypatch.setattr(loop._Objective, "predict_and_target", poisoned)
+    cfg = _cfg(tmp_path, "inject", steps=5, checkpoint_every=1, keep_last=9)
+    with pytest.raises(InvalidInputError, match="loss became NaN at step 3"):
+        loop.train(zmodel, cfg, _squares(RED))
+    names = sorted(n for n in os.listdir(cfg.output_dir) if not n.startswith("loss"))
+    assert names == ["checkpoint-1", "checkpoint-2"] and _finite_files(cfg.output_dir)[1]
+
+
+def test_largest_seed_trains_and_generates_class_images(zmodel, tmp_path):
+    seed = 2**64 - 1
+    result = loop.train(zmodel, _cfg(tmp_path, steps=1, seed=seed, with_prior_preservation=True, num_class_images=5,
+                                     class_steps=1, validation_every=1, validation_prompt="a photo of sks dog",
+                                     validation_seed=seed, validation_steps=1), _squares(RED))
+    assert result.step == 1 and result.lora.metadata["seed"] == str(seed)
+
+
+def test_cancel_while_caching_latents_or_prompts(zmodel, tmp_path, monkeypatch):
+    from turbobooth.manager.errors import Interrupted
+
+    encoded = []
+    real = type(zmodel.pipe.vae).encode
+    monkeypatch.setattr(type(zmodel.pipe.vae), "encode", lambda self, x: encoded.append(1) or real(self, x))
+    for stop_at, match, n in ((2, "caching image latents", 2), (3, "encoding prompts", 3)):
+        asked, encoded[:] = [], []
+        with pytest.raises(Interrupted, match=match):
+            loop.train(zmodel, _cfg(tmp_path, steps=2), _squares(RED),
+                       should_stop=lambda asked=asked, stop_at=stop_at: asked.append(1) or len(asked) > stop_at)
+        assert len(encoded) == n
+    assert not os.path.exists(_cfg(tmp_path).output_dir)  # nothing was trained, so no run folder either
+
+
+def test_failed_checkpoint_write_leaves_no_temp_folder(zmodel, tmp_path, monkeypatch):
+    import errno
+
+    import safetensors.torch
+    from turbobooth.manager.paths import WriteError
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    before = _state(zmodel.denoiser)
+    cfg = _cfg(tmp_path, "full-disk", steps=2, checkpoint_every=1)
+    with pytest.raises(WriteError, match=r"checkpoint-1: the disk is full .* MiB more needed"):
+        loop.train(zmodel, cfg, _squares(RED))
+    assert os.listdir(cfg.output_dir) == []
+    assert _same_state(before, zmodel.denoiser)
+
+
+def test_saved_files_honour_the_umask(zmodel, tmp_path):
+    from turbobooth.trainer import runs
+
+    old = os.umask(0o022)
+    try:
+        cfg = _cfg(tmp_path, steps=2, checkpoint_every=1, with_prior_preservation=True, num_class_images=1,
+                   class_steps=1, class_data_dir=str(tmp_path / "priors"))
+        result = runs.train_in_run_folder(zmodel, cfg, str(tmp_path / "runs"), "modes", _squares(RED))
+        L.save_lora_file(result.lora, str(tmp_path / "out.safetensors"))
+    finally:
+        os.umask(old)
+    files = [os.path.join(d, n) for root in ("runs", "priors") for d, _, ns in os.walk(tmp_path / root) for n in ns]
+    files.append(str(tmp_path / "out.safetensors"))
+    modes = {p: oct(os.stat(p).st_mode & 0o777) for p in files}
+    assert any(p.endswith("final.safetensors") for p in files) and any(p.endswith(".png") for p in files)
+    assert set(modes.values()) == {"0o644"}, modes
+    dirs = [d for root in ("runs", "priors") for d, _, _ in os.walk(tmp_path / root)][1:]
+    assert {oct(os.stat(d).st_mode & 0o777) for d in dirs} == {"0o755"}
+
+
+def test_training_holds_the_model_lock(zmodel, tmp_path):
+    import threading
+
+    seen = []
+
+    def probe(step, total, preview):
+        t = threading.Thread(target=lambda: seen.append(zmodel.lock.acquire(blocking=False)))
+        t.start()
+        t.join()
+
+    loop.train(zmodel, _cfg(tmp_path, steps=2), _squares(RED), on_step=probe)
+    assert seen == [False, False]
+    assert zmodel.lock.acquire(blocking=False)
+    zmodel.lock.release()
+
+
+def test_training_adapter_of_the_wrong_family_is_refused(zmodel, tmp_path):
+    key = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    sd1 = L.TurboLora.from_peft("sd1", {f"{key}.lora_A.weight": torch.randn(2, 32),
+                                        f"{key}.lora_B.weight": torch.randn(32, 2)}, 2.0)
+    path = L.save_lora_file(sd1, str(tmp_path / "sd1.safetensors"))
+    before = _state(zmodel.denoiser)
+    with pytest.raises(WrongFamilyError, match="is a sd1 LoRA"):
+        loop.train(zmodel, _cfg(tmp_path, steps=1, training_adapter=path), _squares(RED))
+    assert _same_state(before, zmodel.denoiser)
+
+
+def test_accelerator_keeps_the_model_device_and_auto_precision(zmodel, tmp_path):
+    from turbobooth.trainer import state
+
+    acc = state.make_accelerator(_cfg(tmp_path, mixed_precision="auto"), torch.device("cpu"), str(tmp_path))
+    assert acc.device_placement is False and acc.mixed_precision == "no"
+    assert state.resolve_precision("auto", torch.device("cpu")) == "no"
+    result = loop.train(zmodel, _cfg(tmp_path, steps=1, mixed_precision="auto"), _squares(RED))
+    assert result.step == 1
+
+
+def test_missing_tensorboard_warns_once(zmodel, tmp_path, monkeypatch, caplog):
+    from accelerate import utils
+    from turbobooth.trainer import state
+
+    monkeypatch.setattr(utils, "is_tensorboard_available", lambda: False)
+    monkeypatch.setattr(state, "_warned_tensorboard", False)
+    with caplog.at_level("WARNING"):
+        for name in ("tb1", "tb2"):
+            loop.train(zmodel, _cfg(tmp_path, name, steps=1, log_tensorboard=True), _squares(RED))
+    assert caplog.text.count("tensorboard is not installed") == 1
+
+
+def test_full_finetune_resume_is_bit_exact(tmp_path):
+    """accelerate's save_state/load_state carry a full fine-tune (one thread: multi-threaded CPU conv
+    gradients are not reproducible run to run)."""
+    model = _model("sd1")
+    kw = dict(family="sd1", resolution=64, steps=4, lr=1e-3, train_mode="full", train_text_encoder=True)
+    done = []
+    cfg = _cfg(tmp_path, "split", checkpoint_every=2, **kw)
+    with _one_thread():
+        full = loop.train(model, _cfg(tmp_path, "whole", **kw), _squares(RED, 64))
+        first = loop.train(model, cfg, _squares(RED, 64), on_step=lambda s, t, p: done.append(s),
+                           should_stop=lambda: len(done) >= 2)
+        second = loop.train(model, cfg.replace(resume="latest"), _squares(RED, 64))
+    assert first.stopped and first.step == 2
+    assert {"model.safetensors", "model_1.safetensors"} <= set(os.listdir(first.checkpoint_dir))
+    for a, b in ((full.model.pipe.unet, second.model.pipe.unet),
+                 (full.model.pipe.text_encoder, second.model.pipe.text_encoder)):
+        assert _same_state(_state(a), b)
+    assert second.losses == full.losses
+
+
+def test_requeue_resumes_or_reuses_the_run_folder(tmp_path):
+    from turbobooth.trainer import runs
+
+    model, root, seen = _model("zimage"), str(tmp_path / "runs"), []
+
+    def run(m, cfg, images=RED):
+        return runs.train_in_run_folder(m, cfg, root, "subject", _squares(images),
+                                        on_step=lambda s, t, p: seen.append(s))
+
+    cfg = _cfg(tmp_path, steps=2, checkpoint_every=1, validation_prompt="a dog")
+    first = run(model, cfg)
+    assert seen == [1, 2]
+    seen.clear()  # only bookkeeping changed: same folder, the finished LoRA comes back without training
+    again = run(model, cfg.replace(validation_prompt="another", checkpoint_every=2))
+    assert seen == [] and _same_lora(again.lora, first.lora) and again.losses == first.losses
+    fresh = _model("zimage")  # the cache was freed and the model loaded again: still no training
+    assert _same_lora(run(fresh, cfg).lora, first.lora) and seen == []
+    more = run(model, cfg.replace(steps=4))  # more steps: resumes at checkpoint-2
+    assert seen == [3, 4]
+    assert _same_lora(more.lora, loop.train(model, _cfg(tmp_path, "straight", steps=4), _squares(RED)).lora)
+    assert len(os.listdir(root)) == 1
+    run(model, cfg.replace(lr=2e-3, steps=1))  # a trajectory setting: another folder
+    run(model, cfg.replace(steps=1), BLUE)  # other images: another folder
+    assert len(os.listdir(root)) == 3
+
+
+def test_dreambooth_node_reuses_a_finished_run(tmp_path, monkeypatch):
+    import turbobooth
+    from turbobooth.nodes import comfy as host
+
+    monkeypatch.setattr(host, "output_directory", lambda: str(tmp_path))
+    model, calls = _model("zimage"), []
+    real = loop.train
+    monkeypatch.setattr(loop, "train", lambda *a, **k: calls.append(1) or real(*a, **k))
+    node = turbobooth.NODE_CLASS_MAPPINGS["TurboBoothDreamBoothTrain"]()
+    images = torch.rand(3, 32, 32, 3)
+    args = dict(instance_prompt="a photo of sks dog", class_prompt="a photo of dog", steps=2, learning_rate=1e-3,
+                rank=4, resolution=32, train_mode="lora", prior_loss_weight=1.0, seed=2**64 - 1, run_name="sks")
+    lora, _, plot = node.train(model, images, **args, checkpoint_every=1)
+    again, _, _ = node.train(model, images, **args, checkpoint_every=5, validation_prompt="a dog on a beach")
+    assert calls == [1] and _same_lora(lora, again) and tuple(plot.shape) == (1, 360, 640, 3)
+    assert not os.path.isabs(again.metadata["base_model"]) and str(tmp_path) not in str(again.metadata)

@@ -121,3 +121,21 @@ def test_prompt_without_unique_token_warns(caplog):
         assert not check_instance_prompt("a photo of dog")
     assert "unique identifier" in caplog.text
     assert check_instance_prompt("a photo of sks dog", "a photo of a dog")
+
+
+FLOAT_FIELDS = ("lr", "prior_loss_weight", "max_grad_norm", "adam_beta1", "adam_beta2", "adam_epsilon",
+                "adam_weight_decay", "alpha", "text_encoder_lr", "class_guidance", "min_free_disk_gb")
+
+
+@pytest.mark.parametrize("name", FLOAT_FIELDS)
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_nan_and_inf_are_refused_by_name(name, value):
+    with pytest.raises(InvalidInputError, match=rf"^{name}=.*finite"):
+        TrainConfig(**{name: value})
+
+
+def test_seed_range_and_auto_precision():
+    assert TrainConfig(seed=2**64 - 1, validation_seed=2**64 - 1).seed == 2**64 - 1
+    with pytest.raises(InvalidInputError, match="seed=18446744073709551616 must be an integer from 0 to"):
+        TrainConfig(seed=2**64)
+    assert TrainConfig(mixed_precision="auto").mixed_precision == "auto"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, fields
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 from ..manager.errors import InvalidInputError
 from ..manager.families import FAMILIES
 
-MIXED_PRECISION = ("no", "fp16", "bf16")
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16")  # auto: bf16 where the device has it, else fp32
 LR_SCHEDULERS = ("constant", "cosine", "linear")
 TRAIN_MODES = ("lora", "full")
 OPTIMIZERS = ("adamw", "adamw8bit")
@@ -42,6 +43,9 @@ _NON_TRAJECTORY = frozenset(
         "min_free_disk_gb",
     }
 )
+
+
+SEED_MAX = 2**64 - 1
 
 
 def _err(msg: str) -> InvalidInputError:
@@ -80,7 +84,7 @@ class TrainConfig:
     batch_size: int = 1
     gradient_accumulation_steps: int = 1
     gradient_checkpointing: bool = False
-    mixed_precision: str = "no"
+    mixed_precision: str = "no"  # "auto" = bf16 where the device supports it, fp32 ("no") on CPU
     optimizer: str = "adamw"
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -105,87 +109,13 @@ class TrainConfig:
     instance_data_dir: str | None = None
     class_data_dir: str | None = None
 
-    def __post_init__(self) -> None:  # noqa: C901 - a flat list of checks reads best
+    def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise _err(f"family={self.family!r} is not supported; allowed: {', '.join(FAMILIES)}")
-        step = FAMILIES[self.family].size_multiple
         if isinstance(self.lora_targets, list):
             object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
-        _int(self, "steps", 1)
-        _int(self, "rank", 1)
-        _int(self, "batch_size", 1)
-        _int(self, "gradient_accumulation_steps", 1)
-        _int(self, "num_class_images", 1)
-        _int(self, "lr_warmup_steps", 0)
-        _int(self, "checkpoint_every", 0)
-        _int(self, "keep_last", 1)
-        _int(self, "validation_every", 0)
-        _int(self, "seed", 0)
-        _int(self, "validation_seed", 0)
-        _int(self, "resolution", step)
-        if self.resolution % step:
-            raise _err(
-                f"resolution={self.resolution} must be a multiple of {step} for {FAMILIES[self.family].label}; "
-                f"try {max(step, self.resolution // step * step)}"
-            )
-        for name in ("lr", "prior_loss_weight", "adam_epsilon", "max_grad_norm"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-                raise _err(f"{name}={value!r} must be a number > 0")
-        if self.text_encoder_lr is not None and not (isinstance(self.text_encoder_lr, (int, float)) and self.text_encoder_lr > 0):
-            raise _err(f"text_encoder_lr={self.text_encoder_lr!r} must be a number > 0 or None (= lr)")
-        if self.alpha is not None and not (isinstance(self.alpha, (int, float)) and self.alpha > 0):
-            raise _err(f"alpha={self.alpha!r} must be a number > 0 or None (= rank)")
-        for name in ("adam_beta1", "adam_beta2"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0 <= value < 1:
-                raise _err(f"{name}={value!r} must be in [0, 1)")
-        if not isinstance(self.adam_weight_decay, (int, float)) or self.adam_weight_decay < 0:
-            raise _err(f"adam_weight_decay={self.adam_weight_decay!r} must be >= 0")
-        for name, value, allowed in (
-            ("mixed_precision", self.mixed_precision, MIXED_PRECISION),
-            ("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS),
-            ("train_mode", self.train_mode, TRAIN_MODES),
-            ("optimizer", self.optimizer, OPTIMIZERS),
-        ):
-            if value not in allowed:
-                raise _err(f"{name}={value!r} is not supported; allowed: {', '.join(allowed)}")
-        if self.train_mode == "full" and self.family != "sd1":
-            raise _err(
-                f"train_mode='full' is only supported for Stable Diffusion 1.x, not {FAMILIES[self.family].label}; "
-                "use train_mode='lora'"
-            )
-        if self.train_text_encoder and self.family != "sd1":
-            raise _err("train_text_encoder=True is only supported for Stable Diffusion 1.x; set it to False")
-        if self.training_adapter and self.family != "zimage":
-            raise _err("training_adapter is a Z-Image de-distillation LoRA; leave it empty for Stable Diffusion 1.x")
-        if self.training_adapter and self.train_mode != "lora":
-            raise _err("training_adapter needs train_mode='lora'")
-        if self.optimizer == "adamw8bit":
-            try:
-                import bitsandbytes  # noqa: F401
-            except ImportError as e:
-                raise _err(
-                    "optimizer='adamw8bit' needs the bitsandbytes package, which is not installed; "
-                    "install it (pip install bitsandbytes) or use optimizer='adamw'"
-                ) from e
-        if not isinstance(self.instance_prompt, str) or not self.instance_prompt.strip():
-            raise _err("instance_prompt must be a non-empty prompt containing the unique token, e.g. 'a photo of sks dog'")
-        if self.with_prior_preservation and (not isinstance(self.class_prompt, str) or not self.class_prompt.strip()):
-            raise _err(
-                "class_prompt is empty but with_prior_preservation=True; give the class, e.g. 'a photo of a dog', "
-                "or turn prior preservation off"
-            )
-        if self.class_steps is not None:
-            _int(self, "class_steps", 1)
-        if self.validation_steps is not None:
-            _int(self, "validation_steps", 1)
-        if self.resume is not None and (not isinstance(self.resume, str) or not self.resume.strip()):
-            raise _err(f"resume={self.resume!r} must be None, 'latest' or a checkpoint folder")
-        if not isinstance(self.output_dir, str) or not self.output_dir.strip():
-            raise _err(f"output_dir={self.output_dir!r} must be a folder path")
-        if self.validation_every and not self.validation_prompt.strip():
-            raise _err("validation_every > 0 needs a validation_prompt")
+        _check_numbers(self)
+        _check_choices(self)
 
     # -- derived values -------------------------------------------------------------------
 
@@ -277,7 +207,108 @@ class TrainConfig:
         return path
 
 
-def _int(cfg: TrainConfig, name: str, minimum: int) -> None:
+def _int(cfg: TrainConfig, name: str, minimum: int, maximum: int | None = None) -> None:
     value = getattr(cfg, name)
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise _err(f"{name}={value!r} must be an integer >= {minimum}")
+    if maximum is not None and value > maximum:
+        raise _err(f"{name}={value!r} must be an integer from {minimum} to {maximum}")
+
+
+def _finite_floats(cfg: TrainConfig) -> None:
+    """Every float setting (``float`` or ``float | None``) must be a finite number: NaN and Inf are refused."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if "float" not in str(f.type) or value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _err(f"{f.name}={value!r} must be a number")
+        if not math.isfinite(value):
+            raise _err(f"{f.name}={value!r} must be a finite number (not NaN or infinity)")
+
+
+def _check_numbers(cfg: TrainConfig) -> None:  # noqa: C901 - a flat list of checks reads best
+    """Integers in range, finite positive floats, a resolution that fits the family."""
+    step = FAMILIES[cfg.family].size_multiple
+    _int(cfg, "steps", 1)
+    _int(cfg, "rank", 1)
+    _int(cfg, "batch_size", 1)
+    _int(cfg, "gradient_accumulation_steps", 1)
+    _int(cfg, "num_class_images", 1)
+    _int(cfg, "lr_warmup_steps", 0)
+    _int(cfg, "checkpoint_every", 0)
+    _int(cfg, "keep_last", 1)
+    _int(cfg, "validation_every", 0)
+    _int(cfg, "seed", 0, SEED_MAX)
+    _int(cfg, "validation_seed", 0, SEED_MAX)
+    _finite_floats(cfg)
+    _int(cfg, "resolution", step)
+    if cfg.resolution % step:
+        raise _err(
+            f"resolution={cfg.resolution} must be a multiple of {step} for {FAMILIES[cfg.family].label}; "
+            f"try {max(step, cfg.resolution // step * step)}"
+        )
+    for name in ("lr", "prior_loss_weight", "adam_epsilon", "max_grad_norm"):
+        value = getattr(cfg, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+            raise _err(f"{name}={value!r} must be a number > 0")
+    if cfg.text_encoder_lr is not None and not (isinstance(cfg.text_encoder_lr, (int, float)) and cfg.text_encoder_lr > 0):
+        raise _err(f"text_encoder_lr={cfg.text_encoder_lr!r} must be a number > 0 or None (= lr)")
+    if cfg.alpha is not None and not (isinstance(cfg.alpha, (int, float)) and cfg.alpha > 0):
+        raise _err(f"alpha={cfg.alpha!r} must be a number > 0 or None (= rank)")
+    for name in ("adam_beta1", "adam_beta2"):
+        value = getattr(cfg, name)
+        if not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise _err(f"{name}={value!r} must be in [0, 1)")
+    if not isinstance(cfg.adam_weight_decay, (int, float)) or cfg.adam_weight_decay < 0:
+        raise _err(f"adam_weight_decay={cfg.adam_weight_decay!r} must be >= 0")
+    if cfg.min_free_disk_gb < 0:
+        raise _err(f"min_free_disk_gb={cfg.min_free_disk_gb!r} must be >= 0")
+
+
+def _check_choices(cfg: TrainConfig) -> None:  # noqa: C901 - a flat list of checks reads best
+    """Allowed names, combinations that make sense, prompts and paths."""
+    for name, value, allowed in (
+        ("mixed_precision", cfg.mixed_precision, MIXED_PRECISION),
+        ("lr_scheduler", cfg.lr_scheduler, LR_SCHEDULERS),
+        ("train_mode", cfg.train_mode, TRAIN_MODES),
+        ("optimizer", cfg.optimizer, OPTIMIZERS),
+    ):
+        if value not in allowed:
+            raise _err(f"{name}={value!r} is not supported; allowed: {', '.join(allowed)}")
+    if cfg.train_mode == "full" and cfg.family != "sd1":
+        raise _err(
+            f"train_mode='full' is only supported for Stable Diffusion 1.x, not {FAMILIES[cfg.family].label}; "
+            "use train_mode='lora'"
+        )
+    if cfg.train_text_encoder and cfg.family != "sd1":
+        raise _err("train_text_encoder=True is only supported for Stable Diffusion 1.x; set it to False")
+    if cfg.training_adapter and cfg.family != "zimage":
+        raise _err("training_adapter is a Z-Image de-distillation LoRA; leave it empty for Stable Diffusion 1.x")
+    if cfg.training_adapter and cfg.train_mode != "lora":
+        raise _err("training_adapter needs train_mode='lora'")
+    if cfg.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as e:
+            raise _err(
+                "optimizer='adamw8bit' needs the bitsandbytes package, which is not installed; "
+                "install it (pip install bitsandbytes) or use optimizer='adamw'"
+            ) from e
+    if not isinstance(cfg.instance_prompt, str) or not cfg.instance_prompt.strip():
+        raise _err("instance_prompt must be a non-empty prompt containing the unique token, e.g. 'a photo of sks dog'")
+    if cfg.with_prior_preservation and (not isinstance(cfg.class_prompt, str) or not cfg.class_prompt.strip()):
+        raise _err(
+            "class_prompt is empty but with_prior_preservation=True; give the class, e.g. 'a photo of a dog', "
+            "or turn prior preservation off"
+        )
+    if cfg.class_steps is not None:
+        _int(cfg, "class_steps", 1)
+    if cfg.validation_steps is not None:
+        _int(cfg, "validation_steps", 1)
+    if cfg.resume is not None and (not isinstance(cfg.resume, str) or not cfg.resume.strip()):
+        raise _err(f"resume={cfg.resume!r} must be None, 'latest' or a checkpoint folder")
+    if not isinstance(cfg.output_dir, str) or not cfg.output_dir.strip():
+        raise _err(f"output_dir={cfg.output_dir!r} must be a folder path")
+    if cfg.validation_every and not cfg.validation_prompt.strip():
+        raise _err("validation_every > 0 needs a validation_prompt")

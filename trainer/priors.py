@@ -10,7 +10,7 @@ time), so asking for N images when K < N exist writes exactly the N - K
 missing ones, and no image depends on how many existed.
 
 Images are lossless PNGs named ``<index:05d>-<sha256 of the file, 16 hex>.png``
-and written atomically (temporary file, then rename). Only files that match
+and written with :func:`~turbobooth.manager.paths.atomic_file` (whole or absent). Only files that match
 that scheme, whose bytes hash to the name and that decode as PNG count.
 Generation uses explicit ``torch.Generator`` objects and runs inside
 ``torch.random.fork_rng``, so it never consumes the training RNG.
@@ -24,17 +24,25 @@ import json
 import logging
 import os
 import re
-import uuid
 from collections.abc import Callable
 
 from ..manager.errors import Interrupted, InvalidInputError
 from ..manager.families import defaults_for
+from ..manager.paths import atomic_file
 
 logger = logging.getLogger(__name__)
 
 CACHE_VERSION = 2
 CHUNK = 4  # images rendered per batch; fixed, so each image always comes from the same batch
 NAME = re.compile(r"^(\d{5})-([0-9a-f]{16})\.png$")
+SEED_SPACE = 2**64
+
+
+def seed_runs(first: int, count: int) -> list[tuple[int, int]]:
+    """``(seed, n)`` runs covering seeds ``first, first+1, ... (mod 2**64)``: one run, or two at the wrap."""
+    first %= SEED_SPACE
+    head = min(count, SEED_SPACE - first)
+    return [(first, head)] + ([(0, count - head)] if count > head else [])
 
 
 def default_prior_root() -> str:
@@ -85,6 +93,8 @@ class PriorCache:
         d = defaults_for(model.family)
         self.model = model
         self.class_prompt = class_prompt.strip()
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < SEED_SPACE:
+            raise InvalidInputError(f"class image seed={seed!r} must be an integer from 0 to 2**64 - 1")
         self.seed = int(seed)
         self.width = int(width or d.default_size)
         self.height = int(height or d.default_size)
@@ -137,51 +147,45 @@ class PriorCache:
         return len(self.existing())
 
     def _write(self, index: int, image) -> str:
-        os.makedirs(self.folder, exist_ok=True)
         data = _png_bytes(image)
-        name = f"{index:05d}-{hashlib.sha256(data).hexdigest()[:16]}.png"
-        path = os.path.join(self.folder, name)
-        tmp = os.path.join(self.folder, f".{name}.{uuid.uuid4().hex[:6]}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-        return path
+        path = os.path.join(self.folder, f"{index:05d}-{hashlib.sha256(data).hexdigest()[:16]}.png")
+        return atomic_file(path, lambda tmp: _write_bytes(tmp, data))
 
     def _write_info(self) -> None:
         info = os.path.join(self.folder, "prior.json")
         if os.path.exists(info):
             return
-        os.makedirs(self.folder, exist_ok=True)
-        tmp = f"{info}.{uuid.uuid4().hex[:6]}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(
-                {"model": self.model.identity, "family": self.model.family, "class_prompt": self.class_prompt,
-                 "seed": self.seed, "steps": self.steps, "width": self.width, "height": self.height,
-                 "guidance": self.guidance, "version": CACHE_VERSION}, f, indent=2)
-        os.replace(tmp, info)
+        text = json.dumps(
+            {"model": self.model.identity, "family": self.model.family, "class_prompt": self.class_prompt,
+             "seed": self.seed, "steps": self.steps, "width": self.width, "height": self.height,
+             "guidance": self.guidance, "version": CACHE_VERSION}, indent=2)
+        atomic_file(info, lambda tmp: _write_bytes(tmp, text.encode("utf-8")))
 
     # -- generation ------------------------------------------------------------------------
 
     def generate_chunk(self, chunk: int) -> list:
-        """Images ``chunk*CHUNK .. chunk*CHUNK+CHUNK-1`` (image i: seed ``seed + i``) as PIL images.
+        """Images ``chunk*CHUNK .. chunk*CHUNK+CHUNK-1`` (image i: seed ``(seed + i) mod 2**64``) as PIL images.
 
-        One batched call; it does not touch the global RNG.
+        One batched call (two where the seeds wrap past 2**64 - 1); it does not touch the global RNG.
         """
         import torch
 
         from ..manager import sampling
 
+        images = []
         with torch.random.fork_rng(devices=[]):
-            result = sampling.generate(
-                self.model,
-                [self.class_prompt] * CHUNK,
-                seed=self.seed + chunk * CHUNK,
-                steps=self.steps,
-                width=self.width,
-                height=self.height,
-                guidance=sampling.Guidance(negative_prompts=("",), scales=(self.guidance,)),
-            )
-        return [_tensor_to_pil(img) for img in result.images]
+            for seed, n in seed_runs(self.seed + chunk * CHUNK, CHUNK):
+                result = sampling.generate(
+                    self.model,
+                    [self.class_prompt] * n,
+                    seed=seed,
+                    steps=self.steps,
+                    width=self.width,
+                    height=self.height,
+                    guidance=sampling.Guidance(negative_prompts=("",), scales=(self.guidance,)),
+                )
+                images += [_tensor_to_pil(img) for img in result.images]
+        return images
 
     def ensure(self, count: int, on_step: Callable | None = None,
                should_stop: Callable[[], bool] | None = None) -> list[str]:
@@ -220,6 +224,11 @@ class PriorCache:
             with Image.open(path) as im:
                 images.append(im.convert("RGB"))
         return images
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 def class_images(model, class_prompt: str, count: int, seed: int = 0, width: int | None = None,

@@ -1,0 +1,186 @@
+"""The trained LoRA and the training adapter on the shared model, through diffusers and peft.
+
+The cached base is never changed for good: the trainable LoRA is added with diffusers' ``add_adapter`` (and,
+for the SD1.x text encoder, peft's ``inject_adapter_in_model``), the optional Z-Image training adapter is
+loaded with ``load_lora_weights``, and ``pipe.unload_lora_weights()`` puts the original modules back at the
+end. :class:`ModuleGuard` restores requires_grad, train/eval mode, gradient checkpointing and instance
+attributes (accelerate's forward wrappers), so the base is bit-identical afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+from ..manager.errors import InvalidInputError, WrongFamilyError
+
+ADAPTER = "turbobooth_lora"
+# Not a substring of ADAPTER: peft selects an adapter's keys by substring.
+TRAINING_ADAPTER = "turbobooth_dedistill"
+TE_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def _gc_enabled(module) -> bool:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+            if hasattr(type(module), attr) or attr in getattr(module, "__dict__", {}):
+                try:
+                    return bool(getattr(module, attr))
+                except Exception:  # some models raise when the flag is not defined
+                    return False
+    return False
+
+
+class ModuleGuard:
+    """Remembers requires_grad, train mode, gradient checkpointing and instance attributes of a module."""
+
+    def __init__(self, module):
+        self.module = module
+        self.grad = [(p, p.requires_grad) for p in module.parameters()]
+        self.training = module.training
+        self.gc = _gc_enabled(module)
+        self.attrs = set(module.__dict__)
+
+    def restore(self) -> None:
+        m = self.module
+        for p, flag in self.grad:
+            p.requires_grad_(flag)
+        m.train(self.training)
+        if _gc_enabled(m) and not self.gc:
+            if hasattr(m, "disable_gradient_checkpointing"):
+                m.disable_gradient_checkpointing()
+            elif hasattr(m, "gradient_checkpointing_disable"):
+                m.gradient_checkpointing_disable()
+        for key in set(m.__dict__) - self.attrs:  # e.g. accelerate's wrapped forward, peft's config
+            if key not in ("_parameters", "_buffers", "_modules"):
+                del m.__dict__[key]
+
+
+def _lora_config(rank: int, alpha: float, targets):
+    from peft import LoraConfig
+
+    return LoraConfig(r=int(rank), lora_alpha=float(alpha), target_modules=sorted(set(targets)), lora_dropout=0.0,
+                      init_lora_weights=True, bias="none")
+
+
+def add_trainable_lora(model, config, text_encoder=None) -> None:
+    """The training adapter (if any) plus the trainable ``ADAPTER``; only ``ADAPTER`` gets gradients."""
+    from peft import inject_adapter_in_model
+
+    denoiser = model.denoiser
+    denoiser.requires_grad_(False)
+    if text_encoder is not None:
+        text_encoder.requires_grad_(False)
+    if config.training_adapter:
+        from ..manager.lora import attach, load_lora_file
+
+        adapter = load_lora_file(config.training_adapter)
+        if adapter.family != model.family:
+            raise WrongFamilyError(
+                f"training_adapter {os.path.basename(config.training_adapter)!r} is a {adapter.family} LoRA, but the "
+                f"model is {model.family}; pick a de-distillation LoRA made for this model"
+            )
+        attach(model, adapter, TRAINING_ADAPTER)
+    try:
+        with warnings.catch_warnings():  # a second adapter beside the training adapter is what we want
+            warnings.filterwarnings("ignore", message=".*multiple adapters.*")
+            denoiser.add_adapter(_lora_config(config.rank, config.lora_alpha, config.targets), adapter_name=ADAPTER)
+    except ValueError as e:  # peft: none of the target modules exist
+        raise no_trainable(config) from e
+    if text_encoder is not None:
+        # transformers 5's add_adapter wants peft >= 0.22 (not released); peft's own injector does the same
+        inject_adapter_in_model(_lora_config(config.rank, config.lora_alpha, TE_LORA_TARGETS), text_encoder,
+                                adapter_name=ADAPTER)
+    activate(denoiser, with_training_adapter=bool(config.training_adapter))
+    if text_encoder is not None:
+        from peft.functional import set_requires_grad
+
+        set_requires_grad(text_encoder, ADAPTER, True)
+
+
+def activate(denoiser, with_training_adapter: bool) -> None:
+    """``[TRAINING_ADAPTER, ADAPTER]`` while training, ``[ADAPTER]`` for previews; the training adapter stays frozen."""
+    from peft.functional import set_requires_grad
+
+    if with_training_adapter:
+        denoiser.set_adapters([TRAINING_ADAPTER, ADAPTER])
+        set_requires_grad(denoiser, TRAINING_ADAPTER, False)
+    else:
+        denoiser.set_adapters([ADAPTER])
+    set_requires_grad(denoiser, ADAPTER, True)
+
+
+def check_finite(modules) -> bool:
+    """True when every trainable parameter of ``modules`` is finite."""
+    return all(bool(p.isfinite().all()) for m in modules for p in m.parameters() if p.requires_grad)
+
+
+def export_lora(model, config, text_encoder, metadata: dict, name: str):
+    """The trained ``ADAPTER`` as a TurboLora (peft's ``get_peft_model_state_dict``; never the training adapter)."""
+    from peft import get_peft_model_state_dict
+
+    from ..manager.lora import TurboLora
+
+    def cpu(sd):
+        return {k: v.detach().to("cpu").clone() for k, v in sd.items()}
+
+    sd = cpu(get_peft_model_state_dict(model.denoiser, adapter_name=ADAPTER))
+    te = cpu(get_peft_model_state_dict(text_encoder, adapter_name=ADAPTER)) if text_encoder is not None else None
+    lora = TurboLora.from_peft(model.family, sd, config.lora_alpha, text_encoder_state_dict=te, metadata=metadata,
+                               name=name)
+    lora.check_finite()
+    return lora
+
+
+def metadata(model, config, step: int) -> dict:
+    """What the LoRA file records; never a local path."""
+    return {
+        "trigger": config.instance_prompt,
+        "instance_prompt": config.instance_prompt,
+        "class_prompt": config.class_prompt,
+        "base_model": model.base_name(),
+        "base_revision": getattr(model.spec, "revision", None) or "",
+        "family": model.family,
+        "train_mode": config.train_mode,
+        "rank": config.rank,
+        "alpha": config.lora_alpha,
+        "steps": step,
+        "lr": config.lr,
+        "lr_scheduler": config.lr_scheduler,
+        "prior_preservation": config.with_prior_preservation,
+        "prior_loss_weight": config.prior_loss_weight,
+        "num_class_images": config.num_class_images if config.with_prior_preservation else 0,
+        "resolution": config.resolution,
+        "seed": config.seed,
+        "training_adapter": os.path.basename(config.training_adapter) if config.training_adapter else "",
+    }
+
+
+def finetuned_pipeline(pipe, unet, text_encoder=None):
+    from diffusers import StableDiffusionPipeline
+
+    components = dict(pipe.components)
+    components["unet"] = unet
+    if text_encoder is not None:
+        components["text_encoder"] = text_encoder
+    components.setdefault("safety_checker", None)
+    components.setdefault("feature_extractor", None)
+    new = StableDiffusionPipeline(**components, requires_safety_checker=False)
+    new.set_progress_bar_config(disable=True)
+    return new
+
+
+def finetuned_model(base, pipe, meta: dict):
+    import hashlib
+    import json
+
+    from ..manager.model import TurboModel
+
+    tag = hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return TurboModel(spec=base.spec, family=base.family, pipe=pipe, identity=f"{base.identity}|finetune:{tag}",
+                      device=base.device, nbytes=base.nbytes, extras={"finetune": meta})
+
+
+def no_trainable(config) -> InvalidInputError:
+    return InvalidInputError(f"no trainable parameters: none of {config.targets} exist in the denoiser")

@@ -1,0 +1,240 @@
+"""What one training step sees: cached latents and prompt embeddings, the batch stream, noise and the loss.
+
+Everything random in a step is a pure function of ``(seed, sample position)``: the data order (a seeded
+permutation per epoch), the noise and the timesteps. A resumed run therefore continues exactly where the
+first one stopped. Every training element keeps its own prompt embedding: instance images pair with their
+caption (or the instance prompt) and class images with the class prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..manager.errors import Interrupted, InvalidInputError
+from ..manager.families import defaults_for
+
+SEED_SPACE = 2**64  # every seed the widgets allow: 0 .. 2**64 - 1
+
+
+def _position_generator(seed: int, position: int, salt: int = 0):
+    import torch
+
+    g = torch.Generator("cpu")
+    g.manual_seed((int(seed) * 1_000_003 + int(position) * 7_919 + salt * 104_729) % (2**63 - 1))
+    return g
+
+
+def _epoch_order(seed: int, epoch: int, n: int, salt: int) -> list[int]:
+    import torch
+
+    g = _position_generator(seed, epoch, salt)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def data_index(seed: int, position: int, n: int, salt: int = 0) -> int:
+    """Which of ``n`` items sits at ``position`` of the endless, epoch-shuffled stream."""
+    epoch, offset = divmod(int(position), n)
+    return _epoch_order(seed, epoch, n, 11 + salt)[offset]
+
+
+def _check_stop(should_stop: Callable[[], bool] | None, what: str) -> None:
+    if should_stop is not None and should_stop():
+        raise Interrupted(f"training stopped while {what}; nothing was trained yet. Queue it again to start")
+
+
+# ---------------------------------------------------------------------------
+# caching latents and prompt embeddings
+# ---------------------------------------------------------------------------
+
+
+def _encode_latents(pipe, family: str, images: list, device, should_stop: Callable[[], bool] | None = None) -> Any:
+    import torch
+
+    from .data import pil_to_tensor
+
+    vae = pipe.vae
+    out = []
+    with torch.no_grad():
+        for img in images:
+            _check_stop(should_stop, "caching image latents")
+            px = pil_to_tensor(img).unsqueeze(0).to(device=device, dtype=vae.dtype)
+            lat = vae.encode(px).latent_dist.mode().float()
+            if family == "zimage":
+                lat = (lat - vae.config.shift_factor) * vae.config.scaling_factor
+            else:
+                lat = lat * vae.config.scaling_factor
+            out.append(lat[0].cpu())
+    return torch.stack(out)
+
+
+def _encode_prompt(pipe, family: str, prompt: str, device):
+    import torch
+
+    with torch.no_grad():
+        if family == "zimage":
+            max_len = defaults_for("zimage").max_sequence_length
+            embeds, _ = pipe.encode_prompt([prompt], device, do_classifier_free_guidance=False,
+                                           max_sequence_length=max_len)
+            return embeds[0].float().cpu()
+        emb, _ = pipe.encode_prompt(prompt, device, 1, False)
+        return emb[0].float().cpu()
+
+
+def _token_ids(pipe, prompt: str):
+    tok = pipe.tokenizer
+    ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+    return ids.input_ids[0]
+
+
+@dataclass
+class TrainData:
+    """Cached tensors. ``*_prompt`` are indices into ``prompts``/``embeds``/``ids``."""
+
+    inst_latents: Any
+    inst_prompt: list
+    class_latents: Any = None
+    class_prompt: list = field(default_factory=list)
+    prompts: list = field(default_factory=list)
+    embeds: list = field(default_factory=list)  # one tensor per prompt ([L_i, D] Z-Image, [77, D] SD1)
+    ids: list = field(default_factory=list)  # token ids per prompt (only when training the text encoder)
+
+
+def cache_data(pipe, family: str, config, instance: list, class_data: list | None, device,
+               should_stop: Callable[[], bool] | None = None) -> TrainData:
+    """Latents (frozen VAE) and prompt embeddings (frozen text encoder) or token ids (trained one), once."""
+    prompts: list[str] = []
+
+    def prompt_id(p: str) -> int:
+        if p not in prompts:
+            prompts.append(p)
+        return prompts.index(p)
+
+    data = TrainData(
+        inst_latents=_encode_latents(pipe, family, [t.image for t in instance], device, should_stop),
+        inst_prompt=[prompt_id(t.caption or config.instance_prompt) for t in instance],
+    )
+    if class_data is not None:
+        data.class_latents = _encode_latents(pipe, family, [t.image for t in class_data], device, should_stop)
+        data.class_prompt = [prompt_id(config.class_prompt) for _ in class_data]
+    data.prompts = prompts
+    for p in prompts:
+        _check_stop(should_stop, "encoding prompts")
+        if config.train_text_encoder:
+            data.ids.append(_token_ids(pipe, p))
+        else:
+            data.embeds.append(_encode_prompt(pipe, family, p, device))
+    return data
+
+
+@dataclass
+class Batch:
+    latents: Any  # [N, C, h, w]
+    prompt_index: list  # per element: index into TrainData.prompts
+    is_prior: list  # per element
+    positions: list  # per element: stream position (noise and timestep are derived from it)
+
+
+def assemble_batch(data: TrainData, seed: int, micro_index: int, batch_size: int, rank: int, world: int,
+                   with_prior: bool) -> Batch:
+    """The elements one process trains on at one micro-step; each keeps its own prompt."""
+    import torch
+
+    n_inst = data.inst_latents.shape[0]
+    first = (micro_index * world + rank) * batch_size
+    positions = list(range(first, first + batch_size))
+    inst = [data_index(seed, p, n_inst, 0) for p in positions]
+    latents = [data.inst_latents[i] for i in inst]
+    prompt_index = [data.inst_prompt[i] for i in inst]
+    is_prior = [False] * len(inst)
+    pos = list(positions)
+    if with_prior:
+        n_cls = data.class_latents.shape[0]
+        cls = [data_index(seed, p, n_cls, 1) for p in positions]
+        latents += [data.class_latents[i] for i in cls]
+        prompt_index += [data.class_prompt[i] for i in cls]
+        is_prior += [True] * len(cls)
+        pos += [p + (1 << 40) for p in positions]
+    return Batch(torch.stack(latents), prompt_index, is_prior, pos)
+
+
+# ---------------------------------------------------------------------------
+# the loss
+# ---------------------------------------------------------------------------
+
+
+class _Objective:
+    """Noise, timesteps and targets per family; everything derived from the element positions."""
+
+    def __init__(self, pipe, family: str, seed: int):
+        self.family = family
+        self.seed = seed
+        if family == "zimage":
+            from diffusers import FlowMatchEulerDiscreteScheduler
+
+            sched = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+            self.num_train_timesteps = int(sched.config.num_train_timesteps)
+            self.sigmas = sched.sigmas.float().cpu()
+            self.timesteps = sched.timesteps.float().cpu()
+        else:
+            from diffusers import DDPMScheduler
+
+            self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+            self.num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
+            self.prediction_type = self.scheduler.config.prediction_type
+            if self.prediction_type not in ("epsilon", "v_prediction"):
+                raise InvalidInputError(
+                    f"the model's scheduler predicts {self.prediction_type!r}; training supports 'epsilon' and "
+                    "'v_prediction'"
+                )
+
+    def draw(self, positions: list, shape) -> tuple:
+        import torch
+
+        noises, idx = [], []
+        for p in positions:
+            g = _position_generator(self.seed, p, 3)
+            noises.append(torch.randn(tuple(shape), generator=g, dtype=torch.float32))
+            idx.append(int(torch.randint(0, self.num_train_timesteps, (1,), generator=g)))
+        return torch.stack(noises), torch.tensor(idx, dtype=torch.long)
+
+    def predict_and_target(self, denoiser, latents, cond, positions, device, dtype) -> tuple:
+        """Model prediction and regression target, both float32 on ``device``."""
+        import torch
+
+        noise, idx = self.draw(positions, latents.shape[1:])
+        x0 = latents.to(device)
+        noise = noise.to(device)
+        if self.family == "zimage":
+            # Flow matching as ZImagePipeline samples it: x_t = (1 - s) x0 + s noise; the model
+            # takes t = 1 - s and its negated output is the velocity noise - x0.
+            sigma = self.sigmas[idx].to(device).view(-1, 1, 1, 1)
+            timesteps = self.timesteps[idx].to(device)
+            noisy = (1.0 - sigma) * x0 + sigma * noise
+            model_t = (1000.0 - timesteps) / 1000.0
+            inputs = list(noisy.to(dtype).unsqueeze(2).unbind(0))
+            out = denoiser(inputs, model_t, cond, return_dict=False)[0]
+            pred = -torch.stack([o.float() for o in out]).squeeze(2)
+            target = noise - x0
+            return pred, target
+        t = idx.to(device)
+        noisy = self.scheduler.add_noise(x0, noise, t)
+        pred = denoiser(noisy.to(dtype), t, cond.to(dtype), return_dict=False)[0].float()
+        if self.prediction_type == "v_prediction":
+            target = self.scheduler.get_velocity(x0, noise, t)
+        else:
+            target = noise
+        return pred, target
+
+    def loss(self, denoiser, batch: Batch, cond, device, dtype, prior_loss_weight: float | None):
+        """Mean squared error of the instance elements, plus the weighted prior term when it is on."""
+        import torch
+
+        pred, target = self.predict_and_target(denoiser, batch.latents, cond, batch.positions, device, dtype)
+        per_elem = ((pred.float() - target.float()) ** 2).reshape(pred.shape[0], -1).mean(1)
+        mask = torch.tensor(batch.is_prior, device=per_elem.device)
+        loss = per_elem[~mask].mean()
+        if prior_loss_weight is not None:
+            loss = loss + prior_loss_weight * per_elem[mask].mean()
+        return loss

@@ -1,0 +1,395 @@
+"""One DreamBooth training run: :class:`Run` with ``setup``, ``step``, ``checkpoint`` and ``finish``.
+
+accelerate owns the state (optimizer, schedule, RNG, checkpoints, logging; see :mod:`.state`); diffusers and
+peft own the adapters (see :mod:`.adapters`). The shared model stays on the device TurboLoader chose, and the
+caller holds ``model.lock`` for the whole run so sampling never touches the model meanwhile. Full fine-tunes
+(SD1.x) train deep copies and return a new TurboModel.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..manager.errors import InvalidInputError, WrongFamilyError
+from ..manager.families import defaults_for
+from . import adapters as A
+from . import state as S
+from .config import TrainConfig
+from .objective import SEED_SPACE, _Objective, assemble_batch, cache_data
+
+logger = logging.getLogger(__name__)
+_warned_turbo = False
+
+
+@dataclass
+class TrainResult:
+    lora: Any  # TurboLora | None
+    model: Any  # TurboModel | None (full fine-tune: a new model; the cached base is untouched)
+    loss_plot: Any  # PIL.Image.Image
+    losses: list = field(default_factory=list)
+    checkpoint_dir: str | None = None
+    stopped: bool = False
+    step: int = 0
+    total_steps: int = 0
+    previews: list = field(default_factory=list)
+
+
+class Run:
+    """State of one run. ``train()`` is ``setup``, ``step`` until done or stopped, ``finish``, then ``close``."""
+
+    def __init__(self, model, config: TrainConfig, on_step: Callable | None = None,
+                 should_stop: Callable[[], bool] | None = None):
+        import torch
+
+        if not isinstance(config, TrainConfig):
+            raise InvalidInputError(f"config must be a TrainConfig, got {type(config).__name__}")
+        if config.family != model.family:
+            raise WrongFamilyError(
+                f"the training config is for {config.family!r} but the model is {model.family!r}; "
+                f"set family={model.family!r}"
+            )
+        self.output_dir = S.check_output_dir(config.output_dir, config.min_free_disk_gb, create=False)
+        self.config = config.replace(output_dir=self.output_dir)
+        self.model, self.pipe, self.family = model, model.pipe, model.family
+        self.device = torch.device(model.device if model.device else "cpu")
+        self.on_step, self.should_stop = on_step, should_stop
+        self._step_info = _takes_info(on_step)  # on_step(step, total, preview, info=) also gets loss and lr
+        self.lora_mode = config.train_mode == "lora"
+        self.train_te = bool(config.train_text_encoder)
+        self.accelerator = None
+        self.global_step = self.start_step = 0
+        self.losses: list[float] = []
+        self.previews: list = []
+        self.stopped = False
+        self.last_checkpoint: str | None = None
+        self._guards: list = []
+        self._hooks: list = []
+        self._adapters = self._logging = False
+
+    # -- setup ----------------------------------------------------------------------------
+
+    def setup(self, instance_images, class_images=None) -> None:
+        """Images, accelerator, cached latents, adapters, optimizer; loads the checkpoint when resuming."""
+        from accelerate.utils import set_seed
+
+        from .data import check_instance_prompt, load_images
+
+        cfg = self.config
+        instance = load_images(instance_images, cfg.resolution, cfg.center_crop, what="instance")
+        check_instance_prompt(cfg.instance_prompt, cfg.class_prompt)
+        self._warn_turbo()
+        self.accelerator = acc = S.make_accelerator(cfg, self.device, self.output_dir)
+        self.rank, self.world = acc.process_index, acc.num_processes
+        resume_path = S.resolve_resume(cfg, self.output_dir)
+        resume_meta = S.check_checkpoint(resume_path, self.model, cfg) if resume_path else None
+        class_data = self._class_images(class_images)
+        self.data = cache_data(self.pipe, self.family, cfg, instance, class_data, self.device, self.should_stop)
+        set_seed(cfg.seed % 2**32)  # numpy takes 32-bit seeds only
+        self._trainables()
+        self._optimizer()
+        if resume_path is not None:
+            acc.load_state(resume_path)
+            self.global_step = self.start_step = int(resume_meta["step"])
+            self.losses = [float(v) for v in resume_meta.get("losses", [])][: self.start_step]
+            self.last_checkpoint = resume_path
+            logger.info("resumed from %s at step %d", resume_path, self.start_step)
+        S.check_output_dir(self.output_dir, cfg.min_free_disk_gb)  # created now that the data is cached
+        self.objective = _Objective(self.pipe, self.family, cfg.seed)
+        self.dtype = self.model.dtype if self.lora_mode else self.denoiser.dtype
+        self._logging = S.start_logging(acc, cfg)
+
+    def _warn_turbo(self) -> None:
+        global _warned_turbo
+        if self.family == "zimage" and not self.config.training_adapter and not _warned_turbo:
+            _warned_turbo = True
+            logger.warning(
+                "training a LoRA directly on Z-Image-Turbo erodes its few-step quality; set training_adapter to a "
+                "de-distillation LoRA, or train on a de-turbo/base checkpoint"
+            )
+
+    def _class_images(self, class_images):
+        from . import priors
+        from .data import load_images
+
+        cfg = self.config
+        if not cfg.with_prior_preservation:
+            if class_images is not None:
+                logger.warning("class images were given but with_prior_preservation is off; they are not used")
+            return None
+        if class_images is not None:
+            return load_images(class_images, cfg.resolution, cfg.center_crop, what="class")
+        root = cfg.class_data_dir or os.path.join(self.output_dir, "class_images")
+        cache = priors.PriorCache(self.model, cfg.class_prompt, seed=cfg.seed, width=cfg.resolution,
+                                  height=cfg.resolution, steps=cfg.class_steps, guidance=cfg.class_guidance, root=root)
+        if self.accelerator.is_main_process:
+            cache.ensure(cfg.num_class_images, should_stop=self.should_stop)
+        self.accelerator.wait_for_everyone()
+        return load_images(cache.load(cfg.num_class_images), cfg.resolution, cfg.center_crop, what="class")
+
+    def _trainables(self) -> None:
+        """What is trained: adapters on the shared modules (LoRA) or deep copies (full); guards for the rest."""
+        cfg, pipe, guard = self.config, self.pipe, self._guards
+        if self.lora_mode:
+            self.denoiser, self.text_encoder = self.model.denoiser, pipe.text_encoder
+            guard += [A.ModuleGuard(self.denoiser), A.ModuleGuard(self.text_encoder)]
+        else:
+            self.denoiser = copy.deepcopy(self.model.denoiser).requires_grad_(True)
+            self.text_encoder = copy.deepcopy(pipe.text_encoder) if self.train_te else pipe.text_encoder
+            if not self.train_te:
+                guard.append(A.ModuleGuard(self.text_encoder))
+            self.text_encoder.requires_grad_(self.train_te)
+        guard.append(A.ModuleGuard(pipe.vae))
+        pipe.vae.requires_grad_(False)
+        if self.lora_mode:
+            self._adapters = True
+            A.add_trainable_lora(self.model, cfg, self.text_encoder if self.train_te else None)
+        if cfg.gradient_checkpointing and hasattr(self.denoiser, "enable_gradient_checkpointing"):
+            self.denoiser.enable_gradient_checkpointing()
+        self.denoiser.train()
+        if self.train_te:
+            self.text_encoder.train()
+            if cfg.gradient_checkpointing and hasattr(self.text_encoder, "gradient_checkpointing_enable"):
+                self.text_encoder.gradient_checkpointing_enable()
+        self.trained = [self.denoiser] + ([self.text_encoder] if self.train_te else [])
+
+    def _optimizer(self) -> None:
+        import torch
+        from diffusers.optimization import get_scheduler
+        from diffusers.training_utils import cast_training_params
+
+        cfg, acc = self.config, self.accelerator
+        if self.lora_mode and acc.mixed_precision == "fp16":
+            cast_training_params(self.trained, dtype=torch.float32)  # fp16 grad scaling needs fp32 LoRA weights
+        params = [p for p in self.denoiser.parameters() if p.requires_grad]
+        te_params = [p for p in self.text_encoder.parameters() if p.requires_grad] if self.train_te else []
+        if not params:
+            raise A.no_trainable(cfg)
+        self.params = params + te_params
+        groups = [{"params": params, "lr": cfg.lr}]
+        if te_params:
+            groups.append({"params": te_params, "lr": cfg.text_encoder_lr or cfg.lr})
+        if cfg.optimizer == "adamw8bit":
+            import bitsandbytes as bnb
+
+            opt_cls = bnb.optim.AdamW8bit
+        else:
+            opt_cls = torch.optim.AdamW
+        optimizer = opt_cls(groups, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
+                            eps=cfg.adam_epsilon)
+        scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps * self.world,
+                                  num_training_steps=cfg.steps * self.world)
+        if self.train_te:
+            self.d_wrapped, self.te_wrapped, self.optim, self.lr_scheduler = acc.prepare(
+                self.denoiser, self.text_encoder, optimizer, scheduler)
+        else:
+            self.d_wrapped, self.optim, self.lr_scheduler = acc.prepare(self.denoiser, optimizer, scheduler)
+            self.te_wrapped = None
+        if self.lora_mode:  # a full fine-tune is saved by accelerate itself
+            parts = {"denoiser": self.denoiser, **({"text_encoder": self.text_encoder} if self.train_te else {})}
+            self._hooks = S.register_lora_hooks(acc, parts, A.ADAPTER)
+
+    # -- training -------------------------------------------------------------------------
+
+    def step(self) -> float:
+        """One optimizer step (all its micro-batches); checkpoints, previews and the stop request on schedule."""
+        import torch
+
+        cfg, acc = self.config, self.accelerator
+        accum = cfg.gradient_accumulation_steps
+        prior_weight = cfg.prior_loss_weight if cfg.with_prior_preservation else None
+        step_loss = torch.zeros((), dtype=torch.float32)
+        for micro in range(accum):
+            batch = assemble_batch(self.data, cfg.seed, self.global_step * accum + micro, cfg.batch_size, self.rank,
+                                   self.world, cfg.with_prior_preservation)
+            ctx = nullcontext() if micro == accum - 1 else acc.no_sync(self.d_wrapped)
+            with ctx, acc.autocast():
+                loss = self.objective.loss(self.d_wrapped, batch, self._conditioning(batch), self.device, self.dtype,
+                                           prior_weight) / accum
+            acc.backward(loss)
+            step_loss += loss.detach().float().cpu()
+        mean_loss = float(acc.reduce(step_loss.to(acc.device), reduction="mean").item()) if self.world > 1 \
+            else float(step_loss)
+        if not math.isfinite(mean_loss):
+            raise self._diverged(self.global_step + 1, mean_loss)
+        if acc.sync_gradients and cfg.max_grad_norm:
+            acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        self.optim.step()
+        self.lr_scheduler.step()
+        self.optim.zero_grad(set_to_none=True)
+        self.global_step += 1
+        self.losses.append(mean_loss)
+        acc.log({"loss": mean_loss, "lr": self.lr_scheduler.get_last_lr()[0]}, step=self.global_step)
+        self._after_step()
+        return mean_loss
+
+    def _after_step(self) -> None:
+        cfg, step = self.config, self.global_step
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            self.checkpoint()
+        preview = None
+        if cfg.validation_every and step % cfg.validation_every == 0:
+            preview = self._preview()
+            if preview is not None:
+                self.previews.append(preview)
+        if self.on_step is not None and self.accelerator.is_main_process:
+            extra = {"info": {"loss": self.losses[-1], "lr": self.lr_scheduler.get_last_lr()[0]}} \
+                if self._step_info else {}
+            self.on_step(step, cfg.steps, preview, **extra)
+        if step < cfg.steps and self._agreed_stop():
+            self.stopped = True
+
+    def _conditioning(self, batch):
+        import torch
+
+        data = self.data
+        if self.family == "zimage":
+            # a fresh list per step, built from the cache: never extended in place
+            return [data.embeds[i].to(device=self.device, dtype=self.dtype) for i in batch.prompt_index]
+        if self.train_te:
+            ids = torch.stack([data.ids[i] for i in batch.prompt_index]).to(self.device)
+            return self.te_wrapped(ids)[0]
+        return torch.stack([data.embeds[i] for i in batch.prompt_index]).to(self.device)
+
+    def _agreed_stop(self) -> bool:
+        import torch
+
+        acc = self.accelerator
+        flag = 1.0 if (self.should_stop is not None and acc.is_main_process and self.should_stop()) else 0.0
+        if self.world > 1:
+            flag = float(acc.reduce(torch.tensor([flag], device=acc.device), reduction="sum").item())
+        return flag > 0
+
+    def _diverged(self, step: int, loss: float | None = None) -> InvalidInputError:
+        what = f"loss became {'NaN' if loss is not None and math.isnan(loss) else 'infinite'}" if loss is not None \
+            else "the weights became NaN or infinite"
+        return InvalidInputError(
+            f"{what} at step {step}; lower the learning rate (lr={self.config.lr:g}) or max_grad_norm, or use "
+            "mixed_precision='no'. Nothing non-finite was saved"
+        )
+
+    def _preview(self):
+        """One preview at the fixed validation prompt and seed, with the training adapter switched off."""
+        import torch
+
+        acc, cfg = self.accelerator, self.config
+        if not acc.is_main_process:
+            acc.wait_for_everyone()
+            return None
+        pipe = self.pipe if self.lora_mode else A.finetuned_pipeline(
+            self.pipe, self.denoiser, self.text_encoder if self.train_te else None)
+        d = defaults_for(self.family)
+        was_training = [(m, m.training) for m in (self.denoiser, self.text_encoder)]
+        swap = bool(cfg.training_adapter)
+        try:
+            if swap:
+                A.activate(self.denoiser, with_training_adapter=False)
+            for m, _ in was_training:
+                m.eval()
+            kwargs = dict(num_inference_steps=cfg.validation_steps or d.steps, guidance_scale=d.guidance,
+                          height=cfg.resolution, width=cfg.resolution, output_type="pil",
+                          generator=torch.Generator("cpu").manual_seed(cfg.validation_seed % SEED_SPACE))
+            if self.family == "zimage":
+                kwargs["max_sequence_length"] = d.max_sequence_length
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                image = pipe(prompt=[cfg.validation_prompt], **kwargs).images[0]
+        finally:
+            if swap:
+                A.activate(self.denoiser, with_training_adapter=True)
+            for m, flag in was_training:
+                m.train(flag)
+            acc.wait_for_everyone()
+        return image
+
+    # -- state ----------------------------------------------------------------------------
+
+    def checkpoint(self) -> str:
+        """``checkpoint-<step>`` through ``accelerator.save_state`` (atomic; only finite weights)."""
+        if not A.check_finite(self.trained):
+            raise self._diverged(self.global_step)
+        cfg = self.config
+        meta = {
+            "format": S.CHECKPOINT_FORMAT, "step": self.global_step, "total_steps": cfg.steps,
+            "model_identity": self.model.identity, "family": self.family, "train_mode": cfg.train_mode,
+            "fingerprint": cfg.trajectory_fingerprint(), "world_size": self.world,
+            "losses": self.losses[: self.global_step], "config": cfg.to_dict(),
+        }
+        self.last_checkpoint = S.write_checkpoint(self.accelerator, self.output_dir, self.global_step, meta)
+        return self.last_checkpoint
+
+    def finish(self) -> TrainResult:
+        """The final checkpoint (when stopped or off-schedule), then the LoRA or the fine-tuned model."""
+        cfg, step, acc = self.config, self.global_step, self.accelerator
+        if self.stopped:
+            if not (self.last_checkpoint and self.last_checkpoint.endswith(f"checkpoint-{step}")):
+                self.checkpoint()
+            logger.info("training stopped at step %d of %d; rerun with resume='latest' to continue", step, cfg.steps)
+        elif cfg.checkpoint_every and step % cfg.checkpoint_every and step > self.start_step:
+            self.checkpoint()
+        elif step == self.start_step and self.last_checkpoint:
+            logger.info("the checkpoint is already at step %d of %d; nothing to train", step, cfg.steps)
+        if not A.check_finite(self.trained):
+            raise self._diverged(step)
+        meta = A.metadata(self.model, cfg, step)
+        lora = new_model = None
+        if self.lora_mode:
+            lora = A.export_lora(self.model, cfg, self.text_encoder if self.train_te else None, meta,
+                                 os.path.basename(self.output_dir.rstrip(os.sep)) or "lora")
+        else:
+            pipe = A.finetuned_pipeline(self.pipe, acc.unwrap_model(self.d_wrapped),
+                                        acc.unwrap_model(self.te_wrapped) if self.train_te else None)
+            new_model = A.finetuned_model(self.model, pipe, meta)
+        plot = save_loss_plot(self.losses, os.path.join(self.output_dir, "loss.png") if acc.is_main_process else None)
+        return TrainResult(lora=lora, model=new_model, loss_plot=plot, losses=list(self.losses),
+                           checkpoint_dir=self.last_checkpoint, stopped=self.stopped, step=step, total_steps=cfg.steps,
+                           previews=self.previews)
+
+    def close(self) -> None:
+        """Put the shared model back exactly as it was (always runs, also after errors)."""
+        for h in self._hooks:
+            h.remove()
+        if self._logging:
+            self.accelerator.end_training()
+        if self._adapters:
+            self.pipe.unload_lora_weights()  # every adapter off; the original modules are back
+        for g in self._guards:
+            g.restore()
+        if not self.lora_mode and hasattr(self, "denoiser"):
+            for m in (self.denoiser, self.text_encoder if self.train_te else None):
+                if m is not None:
+                    m.eval()
+                    m.requires_grad_(False)
+                    for key in [k for k in m.__dict__ if k in ("forward", "_original_forward")]:
+                        del m.__dict__[key]
+        if self.accelerator is not None:
+            self.accelerator.free_memory()
+
+
+def _takes_info(callback) -> bool:
+    """Whether ``callback`` declares an ``info`` parameter (older ``on_step(step, total, preview)`` do not)."""
+    import inspect
+
+    try:
+        return callback is not None and "info" in inspect.signature(callback).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def save_loss_plot(losses: list, path: str | None):
+    """The loss plot; written atomically to ``path`` when given (a failure only warns)."""
+    from ..manager.paths import atomic_file
+    from .plot import loss_plot
+
+    plot = loss_plot(losses)
+    if path:
+        try:
+            atomic_file(path, lambda tmp: plot.save(tmp, format="PNG"))
+        except OSError as e:
+            logger.warning("could not save the loss plot: %s", e)
+    return plot
