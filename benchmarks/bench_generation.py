@@ -1,21 +1,27 @@
-"""Generation benchmarks: TurboSample against a bare diffusers pipeline (and ComfyUI's own sampler).
+"""Generation benchmarks: TurboSample against a bare diffusers pipeline and ComfyUI's own nodes.
 
 Run from the repository root:
 
     .venv/bin/python benchmarks/bench_generation.py [--quick] [--threads N]
+    COMFYUI_PATH=/path/to/ComfyUI /path/to/comfyui/python benchmarks/bench_generation.py --quick
 
 Everything runs in one process on randomly initialised models (no downloads):
 the tiny Z-Image from ``turbobooth.manager.tiny`` and a mid-size Z-Image
 (transformer dim 1024, head dim 128, 4 layers) that shares the tiny text
 encoder and VAE. Compared variants are interleaved round by round (the order
-rotates every round) after a warm-up, and every figure is a median over the
-rounds. The script prints one ``name: value`` line per figure and never
+rotates every round) after a warm-up. Times are medians over the rounds; every
+ratio is the median of the per-round ratios, printed with its smallest and
+largest round. The script prints one ``name: value`` line per figure and never
 judges the numbers.
 
 With ``COMFYUI_PATH`` pointing at a ComfyUI checkout that runs Z-Image
 natively (0.8.0 or newer), the mid-size weights are also written in ComfyUI's
-split layout, loaded through ComfyUI's own loaders in this process and sampled
-with its KSampler code, so TurboSample can be timed against it.
+split layout and run through ComfyUI's own node classes in this process
+(UNETLoader -> ModelSamplingAuraFlow -> KSampler -> VAEDecode, with
+ConditioningZeroOut as the negative), at the setting of ComfyUI's
+Z-Image-Turbo template. ComfyUI's ``nodes`` module needs ComfyUI's
+requirements (PyAV among them), so run the script with the python ComfyUI
+runs on; the checkout is imported by path when it is not pip-installed there.
 """
 
 from __future__ import annotations
@@ -29,9 +35,11 @@ import statistics
 import sys
 import tempfile
 import time
+import types
 import warnings
 
-from common import emit  # benchmarks/common.py (this folder is on sys.path when run as a script)
+# benchmarks/common.py (this folder is on sys.path when run as a script)
+from common import emit, emit_spread, import_turbobooth
 
 PROMPT = "a photo of a red fox in fresh snow, golden hour, sharp focus"
 BATCH_PROMPTS = (
@@ -42,6 +50,7 @@ BATCH_PROMPTS = (
 )
 SEED = 1234
 STEPS = 8  # Z-Image-Turbo's default, and what TurboSample uses with steps=0
+MID_NAME = "mid-zimage"  # the mid-size folder, beside the tiny one under <tmp>/diffusers
 
 # The mid-size Z-Image transformer: real Z-Image-Turbo head size, rope axes and
 # theta, but 1024 wide and 4 layers deep instead of 3840 and 30.
@@ -62,8 +71,11 @@ MID_TRANSFORMER = dict(
     axes_lens=[1536, 512, 512],
 )
 
-# ComfyUI's template setting for Z-Image-Turbo that the second comparison uses.
-COMFY_TEMPLATE = dict(steps=4, sampler="res_multistep", scheduler="simple", cfg=1.0, shift=3.0)
+# ComfyUI's Z-Image-Turbo template (workflow-templates 0.11): UNETLoader -> ModelSamplingAuraFlow shift 3 ->
+# KSampler 8 steps, cfg 1, res_multistep / simple, ConditioningZeroOut as the negative -> VAEDecode.
+COMFY_TEMPLATE = dict(steps=8, sampler="res_multistep", scheduler="simple", cfg=1.0, shift=3.0)
+# The same graph with TurboSample's own solver: the same model evaluations and, given the same noise, the same image.
+COMFY_SAME_SAMPLER = "euler"
 
 
 # --------------------------------------------------------------------------- output and timing
@@ -87,6 +99,11 @@ def timed(fn, device: str):
     return time.perf_counter() - start, time.process_time() - cpu, out
 
 
+def rotated(names: list, r: int) -> list:
+    k = r % len(names)
+    return names[k:] + names[:k]
+
+
 class Timings:
     """Per-round wall and CPU times of interleaved variants, and the last output of each."""
 
@@ -95,38 +112,43 @@ class Timings:
         self.cpu: dict[str, list[float]] = {n: [] for n in names}
         self.outputs: dict = {}
 
+    def add(self, name: str, wall: float, cpu: float) -> None:
+        self.wall[name].append(wall)
+        self.cpu[name].append(cpu)
+
     def median(self, name: str) -> float:
         return statistics.median(self.wall[name])
 
-    def ratio(self, a: str, b: str, cpu: bool = False) -> float:
-        """Median over rounds of (a's time / b's time in the same round): slow drifts in load cancel."""
+    def ratios(self, a: str, b: str, cpu: bool = False) -> list[float]:
+        """a's time / b's time in each round (same round: slow drifts in machine load cancel)."""
         times = self.cpu if cpu else self.wall
-        return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
+        return [x / y for x, y in zip(times[a], times[b], strict=True)]
 
 
 def interleaved(variants: dict, rounds: int, device: str, warmup: dict | None = None) -> Timings:
     """Warm every variant up, then time ``rounds`` rounds, rotating the order each round."""
     for fn in (warmup or variants).values():
         fn()
-    names = list(variants)
-    result = Timings(names)
+    result = Timings(variants)
     for r in range(rounds):
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
+        for name in rotated(list(variants), r):
             wall, cpu, result.outputs[name] = timed(variants[name], device)
-            result.wall[name].append(wall)
-            result.cpu[name].append(cpu)
+            result.add(name, wall, cpu)
     return result
 
 
 def emit_ratio(name: str, timings: Timings, a: str, b: str) -> None:
-    """The wall-time ratio, and the same from process CPU time (less sensitive to other load)."""
-    emit(name, timings.ratio(a, b))
-    emit(f"{name}_cpu", timings.ratio(a, b, cpu=True))
+    """The wall-time ratio, and the same from process CPU time (less sensitive to other load), with spreads."""
+    emit_spread(name, timings.ratios(a, b))
+    emit_spread(f"{name}_cpu", timings.ratios(a, b, cpu=True))
 
 
 def max_abs_diff(a, b) -> float:
     return float((a.float().cpu() - b.float().cpu()).abs().max())
+
+
+def nbytes(module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
 
 
 @contextlib.contextmanager
@@ -206,14 +228,28 @@ class Runner:
         return out.images.permute(0, 2, 3, 1).float().cpu()
 
 
-def load_with_node(folder: str, device: str):
+def use_diffusers_root(root: str) -> None:
+    """Let TurboLoader's ``diffusers_model`` widget find the benchmark's folders, which live in a temporary
+    ``root`` rather than in ComfyUI's models/diffusers (the widget takes names inside those folders only)."""
+    from turbobooth.nodes import comfy as host
+
+    original = host.folder_roots
+
+    def folder_roots(kind: str) -> list[str]:
+        return [root, *original(kind)] if kind == "diffusers" else original(kind)
+
+    host.folder_roots = folder_roots
+
+
+def load_with_node(name: str, device: str, dtype: str = "auto"):
+    """TurboLoader on the diffusers folder ``name`` (inside the root given to ``use_diffusers_root``)."""
     import turbobooth
     from turbobooth.nodes.comfy import NONE
 
     loader = turbobooth.NODE_CLASS_MAPPINGS["TurboBoothLoader"]()
     (model,) = loader.load(
         source="diffusers folder",
-        diffusers_model=folder,
+        diffusers_model=name,
         repo_id="",
         revision="main",
         diffusion_model=NONE,
@@ -221,17 +257,17 @@ def load_with_node(folder: str, device: str):
         vae=NONE,
         checkpoint=NONE,
         family="auto",
-        dtype="auto",
+        dtype=dtype,
         device=device,
         offload="none",
     )
     return model
 
 
-# --------------------------------------------------------------------------- tiny model figures
+# --------------------------------------------------------------------------- loading
 
 
-def bench_cache(folder: str, device: str, rounds: int) -> None:
+def bench_cache(name: str, folder: str, device: str, rounds: int) -> None:
     from turbobooth.manager.cache import ModelCache
     from turbobooth.manager.spec import ModelSpec
 
@@ -244,15 +280,50 @@ def bench_cache(folder: str, device: str, rounds: int) -> None:
         hit, _, second = timed(lambda cache=cache: cache.get(spec), device)
         if second is not first:
             emit("cache_hit_returned_other_object", 1)
-        times.wall["cold"].append(cold)
-        times.wall["hit"].append(hit)
+        times.add("cold", cold, 0.0)
+        times.add("hit", hit, 0.0)
         cache.clear()
     emit("cold_load_s", times.median("cold"))
     emit("cache_hit_s", times.median("hit"))
-    emit("cache_hit_vs_cold_load_ratio", times.ratio("hit", "cold"))
-    load_with_node(folder, device)
-    dt_node, _, _ = timed(lambda: load_with_node(folder, device), device)
+    emit_spread("cache_hit_vs_cold_load_ratio", times.ratios("hit", "cold"))
+    load_with_node(name, device)
+    dt_node, _, _ = timed(lambda: load_with_node(name, device), device)
     emit("loader_node_cache_hit_s", dt_node)
+
+
+def bench_cold_load(prefix: str, folder: str, device: str, rounds: int) -> None:
+    """TurboBooth's cold load (a fresh ModelCache, so ``load_model(ModelSpec(folder))``) against a bare
+    ``ZImagePipeline.from_pretrained(folder)``, interleaved; every loaded model is dropped before the next load."""
+    from diffusers import ZImagePipeline
+    from turbobooth.manager.cache import ModelCache
+    from turbobooth.manager.spec import ModelSpec
+
+    spec = ModelSpec(folder, device=device)
+
+    def turbo():
+        cache = ModelCache()
+        cache.get(spec)
+        return cache
+
+    def bare():
+        return ZImagePipeline.from_pretrained(folder).to(device)
+
+    variants = {"turbo": turbo, "bare": bare}
+    t = Timings(variants)
+    for r in range(-1, rounds):  # round -1 is the warm-up: imports, the OS file cache
+        for name in rotated(list(variants), r):
+            wall, cpu, out = timed(variants[name], device)
+            if name == "turbo":
+                out.clear()
+            del out
+            if r >= 0:
+                t.add(name, wall, cpu)
+    emit(f"{prefix}_cold_load_turbo_s", t.median("turbo"))
+    emit(f"{prefix}_cold_load_bare_from_pretrained_s", t.median("bare"))
+    emit_ratio(f"{prefix}_cold_load_turbo_vs_bare_ratio", t, "turbo", "bare")
+
+
+# --------------------------------------------------------------------------- tiny model figures
 
 
 def bench_tiny_sampling(runner: Runner, size: int, rounds: int, device: str) -> None:
@@ -282,9 +353,8 @@ def bench_overhead_breakdown(runner: Runner, size: int, rounds: int, device: str
         "bare": lambda: runner.bare_call(PROMPT, SEED, size),
     }
     rows: dict[str, list] = {name: [] for name in calls}
-    names = list(calls)
     for r in range(rounds):
-        for name in names[r % 2 :] + names[: r % 2]:
+        for name in rotated(list(calls), r):
             bucket = dict.fromkeys(parts, 0.0)
             with (
                 accumulate(pipe.transformer, "forward", bucket, "transformer"),
@@ -295,7 +365,7 @@ def bench_overhead_breakdown(runner: Runner, size: int, rounds: int, device: str
             bucket["total"] = total
             bucket["other"] = total - sum(bucket[p] for p in parts)
             rows[name].append(bucket)
-    for name in names:
+    for name in calls:
         for part in ("total", *parts, "other"):
             emit(f"tiny_{name}_{part}_ms", statistics.median(b[part] for b in rows[name]) * 1e3)
     extra = statistics.median(n["other"] - b["other"] for n, b in zip(rows["node"], rows["bare"], strict=True))
@@ -343,7 +413,38 @@ def build_mid_pipeline(seed: int = 0):
     return pipe
 
 
+def bench_bf16(size: int, rounds: int, device: str) -> None:
+    """TurboSample on the mid-size model loaded with dtype="bf16" against dtype="fp32" (on a CPU, bf16 stores
+    16-bit weights and computes in fp32 through diffusers' layerwise casting)."""
+    fp32 = Runner(load_with_node(MID_NAME, device, dtype="fp32"), device)
+    bf16 = Runner(load_with_node(MID_NAME, device, dtype="bf16"), device)
+    runners = {"bf16": bf16, "fp32": fp32}
+    variants = {k: (lambda r=r: r.node_call(PROMPT, SEED, size, clear_embeddings=True)) for k, r in runners.items()}
+    warm = {
+        k: (lambda r=r: r.node_call(PROMPT, SEED, size, steps=1, clear_embeddings=True)) for k, r in runners.items()
+    }
+    from turbobooth.manager import cache as cache_mod
+
+    loads_before = cache_mod.CACHE.loads
+    t = interleaved(variants, rounds, device, warmup=warm)
+    p = f"mid_{size}"
+    emit(f"{p}_bf16_reloads_during_run", cache_mod.CACHE.loads - loads_before)
+    emit(f"{p}_bf16_node_s", t.median("bf16"))
+    emit(f"{p}_fp32_node_s", t.median("fp32"))
+    emit_ratio(f"{p}_bf16_vs_fp32_time_ratio", t, "bf16", "fp32")
+    emit(f"{p}_bf16_vs_fp32_max_abs_diff", max_abs_diff(t.outputs["bf16"], t.outputs["fp32"]))
+    low, full = bf16.live(), fp32.live()
+    emit("mid_bf16_module_nbytes_mib", low.nbytes / 2**20)
+    emit("mid_fp32_module_nbytes_mib", full.nbytes / 2**20)
+    emit("mid_bf16_vs_fp32_module_nbytes_ratio", low.nbytes / full.nbytes)
+    emit("mid_bf16_vs_fp32_denoiser_nbytes_ratio", nbytes(low.pipe.transformer) / nbytes(full.pipe.transformer))
+
+
 # --------------------------------------------------------------------------- ComfyUI
+
+
+class ComfyUnavailable(Exception):
+    """This ComfyUI cannot run the comparison; the message says why."""
 
 
 def comfyui_support(path: str | None) -> tuple[bool, str]:
@@ -367,9 +468,25 @@ def comfyui_support(path: str | None) -> tuple[bool, str]:
     return True, ""
 
 
+def _forget_modules_under(root: str) -> None:
+    """Undo a failed ComfyUI import, so TurboBooth's host adapter does not find half of ComfyUI afterwards."""
+
+    def under(module) -> bool:
+        places = [getattr(module, "__file__", None) or ""]
+        path = getattr(module, "__path__", None)  # comfy/ is a namespace package: no __file__
+        if isinstance(path, list) or type(path).__name__ == "_NamespacePath":
+            places += list(path)
+        return any(str(p).startswith(root + os.sep) for p in places)
+
+    for name in [name for name, module in list(sys.modules.items()) if under(module)]:
+        sys.modules.pop(name, None)
+    sys.path[:] = [p for p in sys.path if not os.path.abspath(p or ".").startswith(root)]
+
+
 def import_comfy(path: str, device: str):
-    """Import ComfyUI's core modules in-process without letting its argument parser see our arguments."""
-    sys.path.insert(0, os.path.abspath(path))
+    """Import ComfyUI's core and its node modules in-process, without letting its argument parser see ours."""
+    root = os.path.abspath(path)
+    sys.path.insert(0, root)
     saved = sys.argv
     sys.argv = [saved[0]] + (["--cpu"] if device == "cpu" else [])
     try:
@@ -378,108 +495,117 @@ def import_comfy(path: str, device: str):
         comfy.options.enable_args_parsing()
         import comfy.model_detection
         import comfy.model_management
-        import comfy.sample
-        import comfy.samplers
         import comfy.sd
         import comfy.supported_models
         import comfy.utils
+        import folder_paths
+        from comfy_extras import nodes_model_advanced, nodes_sd3
+
+        import nodes
+    except ImportError as e:
+        _forget_modules_under(root)
+        raise ComfyUnavailable(
+            f"ComfyUI's node modules do not import with {sys.executable} ({type(e).__name__}: {e}); "
+            "run this script with the python ComfyUI runs on"
+        ) from e
     finally:
         sys.argv = saved
-    return comfy
+    comfy.utils.set_progress_bar_enabled(False)  # no tqdm bar per KSampler call in the output
+    return types.SimpleNamespace(
+        comfy=comfy,
+        nodes=nodes,
+        folder_paths=folder_paths,
+        ModelSamplingAuraFlow=nodes_model_advanced.ModelSamplingAuraFlow,
+        EmptySD3LatentImage=nodes_sd3.EmptySD3LatentImage,
+    )
+
+
+@contextlib.contextmanager
+def zimage_detection(comfy, cfg: dict):
+    """ComfyUI reads the Z-Image layout from the weights only for the full-size model (dim 3840); for the
+    smaller test widths its detection is given the Z-Image settings of the diffusers config ``cfg``."""
+    detection = comfy.model_detection
+    original = detection.model_config_from_unet
+    settings = dict(
+        n_heads=cfg["n_heads"],
+        n_kv_heads=cfg["n_kv_heads"],
+        n_refiner_layers=cfg["n_refiner_layers"],
+        axes_dims=list(cfg["axes_dims"]),
+        axes_lens=list(cfg["axes_lens"]),
+        rope_theta=float(cfg["rope_theta"]),
+        ffn_dim_multiplier=8.0 / 3.0,
+        multiple_of=1,  # diffusers sizes the feed-forward as int(dim / 3 * 8)
+        z_image_modulation=True,
+        time_scale=float(cfg["t_scale"]),
+        pad_tokens_multiple=32,
+    )
+
+    def detect(state_dict, prefix, *args, **kwargs):
+        found = original(state_dict, prefix, *args, **kwargs)
+        if isinstance(found, comfy.supported_models.ZImage):
+            return found
+        unet = detection.detect_unet_config(state_dict, prefix, metadata=kwargs.get("metadata"))
+        unet.update(settings)
+        return comfy.supported_models.ZImage(unet)
+
+    detection.model_config_from_unet = detect
+    try:
+        yield
+    finally:
+        detection.model_config_from_unet = original
+
+
+def load_comfy_vae(comfy, path: str, vae_config):
+    """VAELoader's ``comfy.sd.VAE``, given an explicit config: ComfyUI detects only the full-size VAE widths."""
+    import torch
+
+    sd = comfy.utils.load_torch_file(path)
+    widths = list(vae_config.block_out_channels)
+    z = int(vae_config.latent_channels)
+    ddconfig = {
+        "double_z": True,
+        "z_channels": z,
+        "resolution": 256,
+        "in_channels": 3,
+        "out_ch": 3,
+        "ch": widths[0],
+        "ch_mult": [w // widths[0] for w in widths],
+        "num_res_blocks": int(vae_config.layers_per_block),
+        "attn_resolutions": [],
+        "dropout": 0.0,
+    }
+    # Z-Image's VAE has no quant convs; ComfyUI's configurable AutoencoderKL always has them.
+    sd.setdefault("quant_conv.weight", torch.eye(2 * z)[:, :, None, None])
+    sd.setdefault("quant_conv.bias", torch.zeros(2 * z))
+    sd.setdefault("post_quant_conv.weight", torch.eye(z)[:, :, None, None])
+    sd.setdefault("post_quant_conv.bias", torch.zeros(z))
+    return comfy.sd.VAE(sd=sd, config={"params": {"embed_dim": z, "ddconfig": ddconfig}})
 
 
 class ComfyZImage:
-    """The mid-size Z-Image loaded through ComfyUI's own loaders, sampled with its KSampler code.
+    """The mid-size Z-Image run through ComfyUI's own node classes, as the Z-Image-Turbo template wires them:
+    UNETLoader -> ModelSamplingAuraFlow -> KSampler (positive, ConditioningZeroOut negative) -> VAEDecode.
 
-    ComfyUI reads the Z-Image layout from the weights only for the full-size
-    model (dim 3840) and its Qwen3-4B text encoder; for the smaller test widths
-    its detection is given the Z-Image settings, and the conditioning comes
-    from our (tiny) text encoder, as a cached CLIPTextEncode output would.
+    ComfyUI cannot load the tiny Qwen3 text encoder, so the positive conditioning comes from our text encoder,
+    computed once, as a cached CLIPTextEncode output would be; the VAE is loaded with an explicit config.
     """
 
-    def __init__(self, comfy, files: dict, pipe, transformer_config: dict):
-        import torch
+    def __init__(self, api, files: dict, pipe, prompt: str, max_len: int, device: str):
+        self.api = api
+        folder, name = os.path.split(files["diffusion_model"])
+        api.folder_paths.add_model_folder_path("diffusion_models", folder)
+        with zimage_detection(api.comfy, dict(pipe.transformer.config)):
+            (model,) = api.nodes.UNETLoader().load_unet(unet_name=name, weight_dtype="default")
+        self.shift = float(model.get_model_object("model_sampling").shift)
+        (self.model,) = api.ModelSamplingAuraFlow().patch_aura(model=model, shift=COMFY_TEMPLATE["shift"])
+        self.vae = load_comfy_vae(api.comfy, files["vae"], pipe.vae.config)
+        self.positive = self._conditioning(pipe, prompt, max_len, device)
+        (self.negative,) = api.nodes.ConditioningZeroOut().zero_out(conditioning=self.positive)
+        self.ksampler = api.nodes.KSampler()
+        self.decoder = api.nodes.VAEDecode()
 
-        self.comfy = comfy
-        self.torch = torch
-        self.patcher = self._load_diffusion_model(files["diffusion_model"], transformer_config)
-        self.vae = self._load_vae(files["vae"], pipe.vae.config)
-        self.shift = float(self.patcher.get_model_object("model_sampling").shift)
-        self.template_patcher = self._with_shift(COMFY_TEMPLATE["shift"])
-
-    def _load_diffusion_model(self, path: str, cfg: dict):
-        comfy = self.comfy
-        detection = comfy.model_detection
-        original = detection.model_config_from_unet
-        settings = dict(
-            n_heads=cfg["n_heads"],
-            n_kv_heads=cfg["n_kv_heads"],
-            n_refiner_layers=cfg["n_refiner_layers"],
-            axes_dims=list(cfg["axes_dims"]),
-            axes_lens=list(cfg["axes_lens"]),
-            rope_theta=float(cfg["rope_theta"]),
-            ffn_dim_multiplier=8.0 / 3.0,
-            multiple_of=1,  # diffusers sizes the feed-forward as int(dim / 3 * 8)
-            z_image_modulation=True,
-            time_scale=float(cfg["t_scale"]),
-            pad_tokens_multiple=32,
-        )
-
-        def detect(state_dict, prefix, *args, **kwargs):
-            found = original(state_dict, prefix, *args, **kwargs)
-            if isinstance(found, comfy.supported_models.ZImage):
-                return found
-            unet = detection.detect_unet_config(state_dict, prefix, metadata=kwargs.get("metadata"))
-            unet.update(settings)
-            return comfy.supported_models.ZImage(unet)
-
-        detection.model_config_from_unet = detect
-        try:
-            return comfy.sd.load_diffusion_model(path)
-        finally:
-            detection.model_config_from_unet = original
-
-    def _load_vae(self, path: str, vae_config):
-        torch = self.torch
-        comfy = self.comfy
-        sd = comfy.utils.load_torch_file(path)
-        widths = list(vae_config.block_out_channels)
-        z = int(vae_config.latent_channels)
-        ddconfig = {
-            "double_z": True,
-            "z_channels": z,
-            "resolution": 256,
-            "in_channels": 3,
-            "out_ch": 3,
-            "ch": widths[0],
-            "ch_mult": [w // widths[0] for w in widths],
-            "num_res_blocks": int(vae_config.layers_per_block),
-            "attn_resolutions": [],
-            "dropout": 0.0,
-        }
-        # Z-Image's VAE has no quant convs; ComfyUI's configurable AutoencoderKL always has them.
-        sd.setdefault("quant_conv.weight", torch.eye(2 * z)[:, :, None, None])
-        sd.setdefault("quant_conv.bias", torch.zeros(2 * z))
-        sd.setdefault("post_quant_conv.weight", torch.eye(z)[:, :, None, None])
-        sd.setdefault("post_quant_conv.bias", torch.zeros(z))
-        return comfy.sd.VAE(sd=sd, config={"params": {"embed_dim": z, "ddconfig": ddconfig}})
-
-    def _with_shift(self, shift: float):
-        """What ComfyUI's ModelSamplingAuraFlow node does, when the shift differs from the model's."""
-        if abs(shift - self.shift) < 1e-9:
-            return self.patcher
-        import comfy.model_sampling as ms
-
-        class Sampling(ms.ModelSamplingDiscreteFlow, ms.CONST):
-            pass
-
-        sampling = Sampling(self.patcher.model.model_config)
-        sampling.set_parameters(shift=shift, multiplier=1.0)
-        patcher = self.patcher.clone()
-        patcher.add_object_patch("model_sampling", sampling)
-        return patcher
-
-    def conditioning(self, pipe, prompt: str, max_len: int, device: str):
+    @staticmethod
+    def _conditioning(pipe, prompt: str, max_len: int, device: str):
         import torch
 
         with torch.no_grad():
@@ -488,32 +614,24 @@ class ComfyZImage:
             )
         return [[embeds[0].unsqueeze(0), {}]]
 
-    def generate(self, cond, seed: int, size: int, steps: int, sampler: str, scheduler: str, template: bool = False):
-        """EmptySD3LatentImage -> KSampler (cfg 1) -> VAEDecode; returns IMAGE [B,H,W,C]."""
-        comfy = self.comfy
-        patcher = self.template_patcher if template else self.patcher
-        latent = self.torch.zeros([1, 16, size // 8, size // 8])
-        latent = comfy.sample.fix_empty_latent_channels(patcher, latent)
-        noise = comfy.sample.prepare_noise(latent, seed)
-        samples = comfy.sample.sample(
-            patcher,
-            noise,
-            steps,
-            1.0,
-            sampler,
-            scheduler,
-            cond,
-            cond,
-            latent,
-            denoise=1.0,
-            disable_pbar=True,
-            seed=seed,
-        )
-        return self.vae.decode(samples)
-
-    def generate_template(self, cond, seed: int, size: int, steps: int | None = None):
+    def generate(self, seed: int, size: int, sampler: str, steps: int = COMFY_TEMPLATE["steps"]):
+        """EmptySD3LatentImage -> KSampler -> VAEDecode at the template's cfg and scheduler; IMAGE [B,H,W,C]."""
         t = COMFY_TEMPLATE
-        return self.generate(cond, seed, size, steps or t["steps"], t["sampler"], t["scheduler"], template=True)
+        latent = self.api.EmptySD3LatentImage.execute(width=size, height=size, batch_size=1).result[0]
+        (samples,) = self.ksampler.sample(
+            model=self.model,
+            seed=seed,
+            steps=steps,
+            cfg=t["cfg"],
+            sampler_name=sampler,
+            scheduler=t["scheduler"],
+            positive=self.positive,
+            negative=self.negative,
+            latent_image=latent,
+            denoise=1.0,
+        )
+        (images,) = self.decoder.decode(vae=self.vae, samples=samples)
+        return images
 
 
 def probe_memory_sharing(runner: Runner) -> str:
@@ -553,6 +671,41 @@ def comfyui_version(path: str) -> str:
     return "unknown"
 
 
+def setup_comfy(args, runner: Runner, tmp: str, comfy_path: str | None) -> ComfyZImage | None:
+    """ComfyUI's graph on the mid-size weights, or None (and a ``comfyui_comparison: skipped (why)`` line)."""
+    from turbobooth.manager import writers
+
+    ok, why = comfyui_support(comfy_path)
+    if not ok:
+        emit("comfyui_comparison", f"skipped ({why})")
+        return None
+    start = time.perf_counter()
+    try:
+        api = import_comfy(comfy_path, args.device)
+    except ComfyUnavailable as e:
+        emit("comfyui_comparison", f"skipped ({e})")
+        return None
+    import torch
+
+    torch.set_num_threads(args.threads)  # in case an import changed it
+    pipe = runner.live().pipe
+    files = writers.save_zimage_split(pipe, os.path.join(tmp, "comfy"), "mid_zimage")
+    graph = ComfyZImage(api, files, pipe, PROMPT, runner.max_len, args.device)
+    emit(
+        "comfyui_comparison",
+        "on (ComfyUI's UNETLoader, ModelSamplingAuraFlow, ConditioningZeroOut, KSampler, VAEDecode)",
+    )
+    emit("comfyui_version", comfyui_version(comfy_path))
+    emit("comfyui_model_shift", graph.shift)
+    emit(
+        "comfyui_template",
+        "{steps} steps {sampler}/{scheduler} cfg {cfg} ModelSamplingAuraFlow shift {shift}".format(**COMFY_TEMPLATE),
+    )
+    emit("comfyui_setup_s", time.perf_counter() - start)
+    emit("turbo_memory_sharing_with_comfyui", probe_memory_sharing(runner))
+    return graph
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -563,34 +716,14 @@ def bench_mid(args, tmp: str, comfy_path: str | None) -> None:
     device = args.device
     start = time.perf_counter()
     pipe = build_mid_pipeline()
-    folder = save_diffusers(pipe, os.path.join(tmp, "diffusers", "mid-zimage"))
+    folder = save_diffusers(pipe, os.path.join(tmp, "diffusers", MID_NAME))
     emit("mid_transformer_params_m", sum(p.numel() for p in pipe.transformer.parameters()) / 1e6)
-    model = load_with_node(folder, device)
-    runner = Runner(model, device)
+    del pipe
+    runner = Runner(load_with_node(MID_NAME, device), device)
     emit("mid_setup_s", time.perf_counter() - start)
+    bench_cold_load("mid", folder, device, args.load_rounds)
 
-    comfy_model = None
-    ok, why = comfyui_support(comfy_path)
-    if not ok:
-        emit("comfyui_comparison", f"skipped ({why})")
-    else:
-        from turbobooth.manager import writers as formats
-
-        start = time.perf_counter()
-        comfy = import_comfy(comfy_path, device)
-        import torch
-
-        torch.set_num_threads(args.threads)  # in case an import changed it
-        files = formats.save_zimage_split(runner.live().pipe, os.path.join(tmp, "comfy"), "mid_zimage")
-        comfy_model = ComfyZImage(comfy, files, runner.live().pipe, dict(runner.live().pipe.transformer.config))
-        cond = comfy_model.conditioning(runner.live().pipe, PROMPT, runner.max_len, device)
-        emit("comfyui_version", comfyui_version(comfy_path))
-        emit("comfyui_model_shift", comfy_model.shift)
-        emit("comfyui_template", "{steps} steps {sampler}/{scheduler} cfg {cfg} shift {shift}".format(**COMFY_TEMPLATE))
-        emit("comfyui_setup_s", time.perf_counter() - start)
-        sharing = probe_memory_sharing(runner)
-        emit("turbo_memory_sharing_with_comfyui", sharing)
-
+    graph = setup_comfy(args, runner, tmp, comfy_path)
     for size in args.mid_sizes:
         variants = {
             "node": lambda size=size: runner.node_call(PROMPT, SEED, size, clear_embeddings=True),
@@ -600,14 +733,14 @@ def bench_mid(args, tmp: str, comfy_path: str | None) -> None:
             "node": lambda size=size: runner.node_call(PROMPT, SEED, size, steps=1, clear_embeddings=True),
             "bare": lambda size=size: runner.bare_call(PROMPT, SEED, size, steps=1),
         }
-        if comfy_model is not None:
+        if graph is not None:
             variants.update(
-                comfy_same=lambda size=size: comfy_model.generate(cond, SEED, size, STEPS, "euler", "simple"),
-                comfy_template=lambda size=size: comfy_model.generate_template(cond, SEED, size),
+                comfy_template=lambda size=size: graph.generate(SEED, size, COMFY_TEMPLATE["sampler"]),
+                comfy_same=lambda size=size: graph.generate(SEED, size, COMFY_SAME_SAMPLER, steps=STEPS),
             )
             warm.update(
-                comfy_same=lambda size=size: comfy_model.generate(cond, SEED, size, 1, "euler", "simple"),
-                comfy_template=lambda size=size: comfy_model.generate_template(cond, SEED, size, steps=1),
+                comfy_template=lambda size=size: graph.generate(SEED, size, COMFY_TEMPLATE["sampler"], steps=1),
+                comfy_same=lambda size=size: graph.generate(SEED, size, COMFY_SAME_SAMPLER, steps=1),
             )
         loads_before = cache_mod.CACHE.loads
         t = interleaved(variants, args.mid_rounds, device, warmup=warm)
@@ -616,26 +749,31 @@ def bench_mid(args, tmp: str, comfy_path: str | None) -> None:
         emit(f"{p}_bare_pipeline_s", t.median("bare"))
         emit_ratio(f"{p}_node_vs_bare_pipeline_ratio", t, "node", "bare")
         emit(f"{p}_node_vs_bare_max_abs_diff", max_abs_diff(t.outputs["node"], t.outputs["bare"]))
-        if comfy_model is not None:
-            emit(f"{p}_comfyui_same_evals_s", t.median("comfy_same"))
+        if graph is not None:
             emit(f"{p}_comfyui_template_s", t.median("comfy_template"))
-            emit_ratio(f"{p}_turbo_vs_comfyui_same_evals_ratio", t, "node", "comfy_same")
             emit_ratio(f"{p}_turbo_vs_comfyui_template_ratio", t, "node", "comfy_template")
-            emit(f"{p}_turbo_vs_comfyui_max_abs_diff", max_abs_diff(t.outputs["node"], t.outputs["comfy_same"]))
+            emit(f"{p}_comfyui_same_evals_s", t.median("comfy_same"))
+            emit_ratio(f"{p}_turbo_vs_comfyui_same_evals_ratio", t, "node", "comfy_same")
+            emit(
+                f"{p}_turbo_vs_comfyui_same_evals_max_abs_diff",
+                max_abs_diff(t.outputs["node"], t.outputs["comfy_same"]),
+            )
             emit(f"{p}_turbo_reloads_during_run", cache_mod.CACHE.loads - loads_before)
+    bench_bf16(args.mid_sizes[0], args.mid_rounds, device)
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument(
-        "--quick", action="store_true", help="smaller sizes and fewer rounds (a few minutes on 2 CPU cores)"
-    )
+    ap.add_argument("--quick", action="store_true", help="smaller sizes and fewer rounds")
     ap.add_argument(
         "--threads", type=int, default=1, help="torch.set_num_threads (default 1: stable timings on a shared machine)"
     )
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds for the tiny model (default 15, quick 9)")
     ap.add_argument("--mid-rounds", type=int, default=3, help="timed rounds for the mid-size model (default 3)")
+    ap.add_argument(
+        "--load-rounds", type=int, default=None, help="timed rounds of each cold-load comparison (default 25, quick 15)"
+    )
     ap.add_argument(
         "--tiny-size", type=int, default=None, help="image side for the tiny model (default 256, quick 128)"
     )
@@ -648,6 +786,7 @@ def parse_args(argv=None):
     ap.add_argument("--skip-mid", action="store_true", help="only the tiny-model figures")
     args = ap.parse_args(argv)
     args.rounds = args.rounds or (9 if args.quick else 15)
+    args.load_rounds = args.load_rounds or (15 if args.quick else 25)
     args.tiny_size = args.tiny_size or (128 if args.quick else 256)
     sizes = args.mid_sizes or ("256" if args.quick else "256,512")
     args.mid_sizes = [int(s) for s in sizes.split(",") if s.strip()]
@@ -674,8 +813,11 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     quiet()
     import diffusers
+
+    import_turbobooth()
     from turbobooth.manager.tiny import write_tiny_models
 
+    emit("python", sys.executable)
     emit("torch_threads", torch.get_num_threads())
     emit("torch_version", torch.__version__)
     emit("diffusers_version", diffusers.__version__)
@@ -685,13 +827,17 @@ def main(argv=None) -> int:
     emit("tiny_rounds", args.rounds)
     emit("mid_sizes", ",".join(str(s) for s in args.mid_sizes))
     emit("mid_rounds", args.mid_rounds)
+    emit("load_rounds", args.load_rounds)
     emit("steps", STEPS)
     emit("loadavg_1m_start", os.getloadavg()[0])
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="turbobooth-bench-") as tmp:
         folder = write_tiny_models(tmp, formats=("diffusers",))["zimage_diffusers"]
-        bench_cache(folder, args.device, args.rounds)
-        runner = Runner(load_with_node(folder, args.device), args.device)
+        use_diffusers_root(os.path.dirname(folder))
+        name = os.path.basename(folder)
+        bench_cache(name, folder, args.device, args.rounds)
+        bench_cold_load("tiny", folder, args.device, args.load_rounds)
+        runner = Runner(load_with_node(name, args.device), args.device)
         bench_tiny_sampling(runner, args.tiny_size, args.rounds, args.device)
         bench_overhead_breakdown(runner, args.tiny_size, args.rounds, args.device)
         bench_batch(runner, args.tiny_size, args.rounds, args.device)
