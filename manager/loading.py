@@ -349,9 +349,8 @@ def _load_model(spec: ModelSpec) -> TurboModel:
             logger.warning("offload=%s needs a CUDA device; running on %s without offload", spec.offload, device)
         pipe.to(device)
     for comp in pipe.components.values():
-        if isinstance(comp, torch.nn.Module):
+        if isinstance(comp, torch.nn.Module):  # from_pretrained / from_single_file already return eval mode
             comp.requires_grad_(False)
-            comp.eval()
     model = TurboModel(spec=spec, family=family, pipe=pipe, identity=identity, device=device, nbytes=module_nbytes(pipe),
                        extras={"stamp": file_stamp(spec)})
     logger.info("loaded %s (%s, %.1f MB) from %s", defaults_for(family).label, spec.dtype, model.nbytes / 2**20, spec.source)
