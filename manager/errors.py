@@ -60,3 +60,10 @@ class InvalidInputError(TurboBoothError, ValueError):
 
 class Interrupted(TurboBoothError):
     """The user asked to stop; raised between steps."""
+
+
+def check_choices(**choices: tuple) -> None:
+    """``name=(value, allowed)``: refuse the first value that is not one of its allowed names."""
+    for name, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise InvalidInputError(f"{name}={value!r} is not supported; allowed: {', '.join(allowed)}")

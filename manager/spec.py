@@ -6,7 +6,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from .errors import InvalidInputError
+from .errors import InvalidInputError, check_choices
 
 FAMILIES = ("auto", "zimage", "sd1")
 DTYPES = ("auto", "fp32", "bf16", "fp16", "fp8_e4m3fn", "fp8_e5m2")
@@ -39,14 +39,8 @@ class ModelSpec:
     def __post_init__(self) -> None:
         if not isinstance(self.source, str) or not self.source.strip():
             raise InvalidInputError(f"model source must be a non-empty path or repo id, got {self.source!r}")
-        for name, value, allowed in (
-            ("kind", self.kind, KINDS),
-            ("family", self.family, FAMILIES),
-            ("dtype", self.dtype, DTYPES),
-            ("offload", self.offload, OFFLOADS),
-        ):
-            if value not in allowed:
-                raise InvalidInputError(f"{name}={value!r} is not supported; allowed: {', '.join(allowed)}")
+        check_choices(kind=(self.kind, KINDS), family=(self.family, FAMILIES), dtype=(self.dtype, DTYPES),
+                      offload=(self.offload, OFFLOADS))
         if self.kind == "split" and (not self.text_encoder or not self.vae):
             raise InvalidInputError(
                 "split-file mode needs three files: diffusion model, text encoder and VAE; "

@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ..manager.errors import InvalidInputError
+from ..manager.errors import InvalidInputError, check_choices
 from ..manager.families import FAMILIES
 
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")  # auto: bf16 where the device has it, else fp32
@@ -268,14 +268,8 @@ def _check_numbers(cfg: TrainConfig) -> None:  # noqa: C901 - a flat list of che
 
 def _check_choices(cfg: TrainConfig) -> None:  # noqa: C901 - a flat list of checks reads best
     """Allowed names, combinations that make sense, prompts and paths."""
-    for name, value, allowed in (
-        ("mixed_precision", cfg.mixed_precision, MIXED_PRECISION),
-        ("lr_scheduler", cfg.lr_scheduler, LR_SCHEDULERS),
-        ("train_mode", cfg.train_mode, TRAIN_MODES),
-        ("optimizer", cfg.optimizer, OPTIMIZERS),
-    ):
-        if value not in allowed:
-            raise _err(f"{name}={value!r} is not supported; allowed: {', '.join(allowed)}")
+    check_choices(mixed_precision=(cfg.mixed_precision, MIXED_PRECISION), lr_scheduler=(cfg.lr_scheduler, LR_SCHEDULERS),
+                  train_mode=(cfg.train_mode, TRAIN_MODES), optimizer=(cfg.optimizer, OPTIMIZERS))
     if cfg.train_mode == "full" and cfg.family != "sd1":
         raise _err(
             f"train_mode='full' is only supported for Stable Diffusion 1.x, not {FAMILIES[cfg.family].label}; "
