@@ -70,7 +70,9 @@ class TrainConfig:
     class_steps: int | None = None  # sampling steps for class images; None = the family's default (Turbo: 8)
     class_guidance: float | None = None  # None = the family's default (Turbo: 0)
     resolution: int = 1024
-    center_crop: bool = True
+    center_crop: bool = False  # False: aspect-ratio buckets of about resolution**2 pixels (never upscaled)
+    caption_dropout: float = 0.0  # share of instance elements trained with an empty prompt
+    trigger: str = ""  # what [trigger] in captions becomes; "" = the instance prompt's unique word
     train_mode: str = "lora"
     rank: int = 16
     alpha: float | None = None  # None = rank
@@ -122,6 +124,14 @@ class TrainConfig:
     @property
     def lora_alpha(self) -> float:
         return float(self.alpha if self.alpha is not None else self.rank)
+
+    @property
+    def trigger_word(self) -> str:
+        """What [trigger] in a caption stands for: ``trigger``, else the instance prompt's first unique word."""
+        from .data import unique_words
+
+        found = unique_words(self.instance_prompt, self.class_prompt)
+        return self.trigger or (found[0] if found else "")
 
     @property
     def targets(self) -> tuple:
@@ -264,6 +274,10 @@ def _check_numbers(cfg: TrainConfig) -> None:  # noqa: C901 - a flat list of che
         raise _err(f"adam_weight_decay={cfg.adam_weight_decay!r} must be >= 0")
     if cfg.min_free_disk_gb < 0:
         raise _err(f"min_free_disk_gb={cfg.min_free_disk_gb!r} must be >= 0")
+    if not 0 <= cfg.caption_dropout < 1:
+        raise _err(f"caption_dropout={cfg.caption_dropout!r} must be in [0, 1) (0 = off)")
+    if not isinstance(cfg.trigger, str) or cfg.trigger != cfg.trigger.strip():
+        raise _err(f"trigger={cfg.trigger!r} must be one word without surrounding spaces, e.g. 'sks'")
 
 
 def _check_choices(cfg: TrainConfig) -> None:  # noqa: C901 - a flat list of checks reads best

@@ -77,12 +77,8 @@ def _from_folder(folder: str) -> list[tuple[Any, str, str | None]]:
         except Exception as e:  # PIL raises many types for broken files
             logger.warning("skipping unreadable image %s: %s", path, e)
             continue
-        caption = None
         txt = os.path.splitext(path)[0] + ".txt"
-        if os.path.isfile(txt):
-            with open(txt, encoding="utf-8") as f:
-                caption = f.read().strip() or None
-        out.append((img, path, caption))
+        out.append((img, path, read_caption(txt) if os.path.isfile(txt) else None))
     return out
 
 
@@ -101,23 +97,55 @@ def to_rgb(img, label: str = "image"):
     return img.convert("RGB")
 
 
-def prepare_image(img, resolution: int, center_crop: bool = True, label: str = "image"):
-    """RGB, shorter side scaled to ``resolution``, then centre-cropped to a square (or squashed)."""
+def bucket_size(width: int, height: int, resolution: int, multiple: int) -> tuple[int, int]:
+    """The aspect-ratio bucket of a ``width`` x ``height`` image: about ``resolution``**2 pixels with the image's
+    aspect, sides multiples of ``multiple``, never larger than the image (small images are not upscaled)."""
+    aspect = width / height
+    area = min(resolution * resolution, width * height)
+    bw = max(multiple, int((area * aspect) ** 0.5 // multiple * multiple))
+    bh = max(multiple, int((area / aspect) ** 0.5 // multiple * multiple))
+    return min(bw, max(multiple, width // multiple * multiple)), min(bh, max(multiple, height // multiple * multiple))
+
+
+def prepare_image(img, resolution: int, center_crop: bool = True, label: str = "image", multiple: int = 8):
+    """RGB at the training size: a ``resolution`` square (centre crop), or, without ``center_crop``, the image's
+    aspect-ratio bucket, downscaled to cover it and trimmed by at most a few pixels to the bucket's multiple."""
     from PIL import Image
 
     img = to_rgb(img, label)
-    if not center_crop:
-        return img.resize((resolution, resolution), Image.Resampling.BICUBIC)
     w, h = img.size
-    scale = resolution / min(w, h)
-    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    tw, th = (resolution, resolution) if center_crop else bucket_size(w, h, resolution, multiple)
+    scale = max(tw / w, th / h)
+    nw, nh = max(tw, round(w * scale)), max(th, round(h * scale))
     if (nw, nh) != (w, h):
         img = img.resize((nw, nh), Image.Resampling.BICUBIC)
-    left, top = (nw - resolution) // 2, (nh - resolution) // 2
-    return img.crop((left, top, left + resolution, top + resolution))
+    left, top = (nw - tw) // 2, (nh - th) // 2
+    return img.crop((left, top, left + tw, top + th))
 
 
-def load_images(images_or_folder, resolution: int, center_crop: bool = True, what: str = "instance") -> list[TrainImage]:
+def read_caption(path: str) -> str | None:
+    """The caption in ``path`` (UTF-8 text), or None when it is empty."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip() or None
+    except UnicodeDecodeError as e:
+        raise InvalidInputError(
+            f"caption file {path!r} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+
+
+def apply_trigger(caption: str, trigger: str, source: str) -> str:
+    """``[trigger]`` in a caption becomes the instance token."""
+    if "[trigger]" not in caption:
+        return caption
+    if not trigger:
+        raise InvalidInputError(
+            f"the caption of {source} uses [trigger] but no trigger word is known; set trigger (the unique token, "
+            "e.g. 'sks') or put one rare word in the instance prompt")
+    return caption.replace("[trigger]", trigger)
+
+
+def load_images(images_or_folder, resolution: int, center_crop: bool = True, what: str = "instance",
+                multiple: int = 8) -> list[TrainImage]:
     """Load training images from PIL images / an IMAGE tensor / a folder (``.txt`` captions beside images)."""
     if isinstance(images_or_folder, (str, os.PathLike)):
         raw = _from_folder(os.fspath(images_or_folder))
@@ -130,7 +158,7 @@ def load_images(images_or_folder, resolution: int, center_crop: bool = True, wha
     if len(sizes) > 1:
         logger.info("%s images have %d different sizes; each is resized and cropped to %d", what, len(sizes), resolution)
     out = [
-        TrainImage(prepare_image(img, resolution, center_crop, f"{what} {label}"), caption, label)
+        TrainImage(prepare_image(img, resolution, center_crop, f"{what} {label}", multiple), caption, label)
         for img, label, caption in raw
     ]
     if what == "instance" and len(out) == 1:
@@ -147,12 +175,16 @@ def pil_to_tensor(img):
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
+def unique_words(instance_prompt: str, class_prompt: str = "") -> list[str]:
+    """Words of the instance prompt that are neither in the class prompt nor common words: the likely trigger."""
+    class_words = set(re.findall(r"[\w<>\[\]]+", (class_prompt or "").lower()))
+    return [w for w in re.findall(r"[\w<>\[\]]+", instance_prompt)
+            if w.lower() not in class_words and w.lower() not in _COMMON_WORDS]
+
+
 def check_instance_prompt(instance_prompt: str, class_prompt: str = "") -> bool:
     """Warn when the instance prompt seems to lack a unique identifier token. Returns True when it looks fine."""
-    words = set(re.findall(r"[\w<>\[\]]+", instance_prompt.lower()))
-    class_words = set(re.findall(r"[\w<>\[\]]+", (class_prompt or "").lower()))
-    unique = words - class_words - _COMMON_WORDS
-    if not unique:
+    if not unique_words(instance_prompt, class_prompt):
         logger.warning(
             "the instance prompt %r has no unique identifier token (a rare word such as 'sks' that is not in the "
             "class prompt); the subject will bleed into the whole class",

@@ -66,7 +66,8 @@ def _encode_latents(pipe, family: str, images: list, device, should_stop: Callab
             else:
                 lat = lat * vae.config.scaling_factor
             out.append(lat[0].cpu())
-    return torch.stack(out)
+    # [N, C, h, w] when every image is in one bucket, else one [C, h, w] tensor per image
+    return torch.stack(out) if len({tuple(t.shape) for t in out}) == 1 else out
 
 
 def _encode_prompt(pipe, family: str, prompt: str, device):
@@ -90,20 +91,25 @@ def _token_ids(pipe, prompt: str):
 
 @dataclass
 class TrainData:
-    """Cached tensors. ``*_prompt`` are indices into ``prompts``/``embeds``/``ids``."""
+    """Cached tensors. ``*_prompt`` are indices into ``prompts``/``embeds``/``ids``; ``empty`` is the index of
+    the empty prompt that caption dropout trains with (None when dropout is off)."""
 
-    inst_latents: Any
+    inst_latents: Any  # a [N, C, h, w] tensor, or a list of [C, h, w] when the images are in several buckets
     inst_prompt: list
     class_latents: Any = None
     class_prompt: list = field(default_factory=list)
     prompts: list = field(default_factory=list)
     embeds: list = field(default_factory=list)  # one tensor per prompt ([L_i, D] Z-Image, [77, D] SD1)
     ids: list = field(default_factory=list)  # token ids per prompt (only when training the text encoder)
+    empty: int | None = None
+    dropout: float = 0.0
 
 
 def cache_data(pipe, family: str, config, instance: list, class_data: list | None, device,
                should_stop: Callable[[], bool] | None = None) -> TrainData:
     """Latents (frozen VAE) and prompt embeddings (frozen text encoder) or token ids (trained one), once."""
+    from .data import apply_trigger
+
     prompts: list[str] = []
 
     def prompt_id(p: str) -> int:
@@ -111,13 +117,18 @@ def cache_data(pipe, family: str, config, instance: list, class_data: list | Non
             prompts.append(p)
         return prompts.index(p)
 
+    trigger = config.trigger_word
     data = TrainData(
         inst_latents=_encode_latents(pipe, family, [t.image for t in instance], device, should_stop),
-        inst_prompt=[prompt_id(t.caption or config.instance_prompt) for t in instance],
+        inst_prompt=[prompt_id(apply_trigger(t.caption, trigger, t.source) if t.caption else config.instance_prompt)
+                     for t in instance],
+        dropout=float(config.caption_dropout),
     )
     if class_data is not None:
         data.class_latents = _encode_latents(pipe, family, [t.image for t in class_data], device, should_stop)
         data.class_prompt = [prompt_id(config.class_prompt) for _ in class_data]
+    if data.dropout:
+        data.empty = prompt_id("")
     data.prompts = prompts
     for p in prompts:
         _check_stop(should_stop, "encoding prompts")
@@ -130,33 +141,61 @@ def cache_data(pipe, family: str, config, instance: list, class_data: list | Non
 
 @dataclass
 class Batch:
-    latents: Any  # [N, C, h, w]
+    latents: list  # per element: [C, h, w]
     prompt_index: list  # per element: index into TrainData.prompts
     is_prior: list  # per element
     positions: list  # per element: stream position (noise and timestep are derived from it)
 
 
+def _epoch_groups(seed: int, epoch: int, buckets: list, batch_size: int, salt: int) -> list[list[int]]:
+    """One epoch of batches drawn within aspect-ratio buckets: each bucket shuffled and cut into batches,
+    then the batches shuffled; a pure function of ``(seed, epoch)``."""
+    import torch
+
+    groups = []
+    for k, key in enumerate(sorted(set(buckets))):
+        members = [i for i, b in enumerate(buckets) if b == key]
+        order = torch.randperm(len(members), generator=_position_generator(seed, epoch, 31 + salt + 7 * k)).tolist()
+        groups += [[members[j] for j in order[i : i + batch_size]] for i in range(0, len(members), batch_size)]
+    shuffle = torch.randperm(len(groups), generator=_position_generator(seed, epoch, 29 + salt)).tolist()
+    return [groups[j] for j in shuffle]
+
+
+def _draw(latents: list, seed: int, group: int, batch_size: int, salt: int) -> list[int]:
+    """The images of batch number ``group`` of the endless stream: consecutive positions of the epoch-shuffled
+    stream when all images share one size, else one bucket's batch."""
+    buckets = [tuple(t.shape) for t in latents]
+    if len(set(buckets)) == 1:
+        return [data_index(seed, group * batch_size + j, len(latents), salt) for j in range(batch_size)]
+    per_epoch = len(_epoch_groups(seed, 0, buckets, batch_size, salt))
+    epoch, offset = divmod(group, per_epoch)
+    return _epoch_groups(seed, epoch, buckets, batch_size, salt)[offset]
+
+
+def _dropped(seed: int, position: int, rate: float) -> bool:
+    import torch
+
+    return rate > 0 and float(torch.rand((), generator=_position_generator(seed, position, 5))) < rate
+
+
 def assemble_batch(data: TrainData, seed: int, micro_index: int, batch_size: int, rank: int, world: int,
                    with_prior: bool) -> Batch:
     """The elements one process trains on at one micro-step; each keeps its own prompt."""
-    import torch
-
-    n_inst = data.inst_latents.shape[0]
-    first = (micro_index * world + rank) * batch_size
-    positions = list(range(first, first + batch_size))
-    inst = [data_index(seed, p, n_inst, 0) for p in positions]
+    group = micro_index * world + rank
+    inst = _draw(data.inst_latents, seed, group, batch_size, 0)
+    positions = [group * batch_size + j for j in range(len(inst))]
     latents = [data.inst_latents[i] for i in inst]
-    prompt_index = [data.inst_prompt[i] for i in inst]
+    prompt_index = [data.empty if _dropped(seed, p, data.dropout) else data.inst_prompt[i]
+                    for i, p in zip(inst, positions, strict=True)]
     is_prior = [False] * len(inst)
     pos = list(positions)
     if with_prior:
-        n_cls = data.class_latents.shape[0]
-        cls = [data_index(seed, p, n_cls, 1) for p in positions]
+        cls = _draw(data.class_latents, seed, group, batch_size, 1)
         latents += [data.class_latents[i] for i in cls]
         prompt_index += [data.class_prompt[i] for i in cls]
         is_prior += [True] * len(cls)
-        pos += [p + (1 << 40) for p in positions]
-    return Batch(torch.stack(latents), prompt_index, is_prior, pos)
+        pos += [group * batch_size + j + (1 << 40) for j in range(len(cls))]
+    return Batch(latents, prompt_index, is_prior, pos)
 
 
 # ---------------------------------------------------------------------------
@@ -228,11 +267,22 @@ class _Objective:
         return pred, target
 
     def loss(self, denoiser, batch: Batch, cond, device, dtype, prior_loss_weight: float | None):
-        """Mean squared error of the instance elements, plus the weighted prior term when it is on."""
+        """Mean squared error of the instance elements, plus the weighted prior term when it is on.
+
+        Elements of one size run in one forward pass; elements of other sizes (instance and class images in
+        different buckets) in one pass per size."""
         import torch
 
-        pred, target = self.predict_and_target(denoiser, batch.latents, cond, batch.positions, device, dtype)
-        per_elem = ((pred.float() - target.float()) ** 2).reshape(pred.shape[0], -1).mean(1)
+        per_elem = [None] * len(batch.latents)
+        for shape in dict.fromkeys(tuple(t.shape) for t in batch.latents):
+            rows = [i for i, t in enumerate(batch.latents) if tuple(t.shape) == shape]
+            sub = cond([batch.prompt_index[i] for i in rows]) if callable(cond) else cond
+            pred, target = self.predict_and_target(denoiser, torch.stack([batch.latents[i] for i in rows]), sub,
+                                                   [batch.positions[i] for i in rows], device, dtype)
+            errors = ((pred.float() - target.float()) ** 2).reshape(pred.shape[0], -1).mean(1)
+            for k, i in enumerate(rows):
+                per_elem[i] = errors[k]
+        per_elem = torch.stack(per_elem)
         mask = torch.tensor(batch.is_prior, device=per_elem.device)
         loss = per_elem[~mask].mean()
         if prior_loss_weight is not None:

@@ -72,6 +72,7 @@ class Run:
         self._guards: list = []
         self._hooks: list = []
         self._adapters = self._logging = False
+        self._multiple = defaults_for(self.family).size_multiple  # bucket sides
 
     # -- setup ----------------------------------------------------------------------------
 
@@ -82,7 +83,7 @@ class Run:
         from .data import check_instance_prompt, load_images
 
         cfg = self.config
-        instance = load_images(instance_images, cfg.resolution, cfg.center_crop, what="instance")
+        instance = load_images(instance_images, cfg.resolution, cfg.center_crop, what="instance", multiple=self._multiple)
         check_instance_prompt(cfg.instance_prompt, cfg.class_prompt)
         self._warn_turbo()
         self.accelerator = acc = S.make_accelerator(cfg, self.device, self.output_dir)
@@ -124,14 +125,14 @@ class Run:
                 logger.warning("class images were given but with_prior_preservation is off; they are not used")
             return None
         if class_images is not None:
-            return load_images(class_images, cfg.resolution, cfg.center_crop, what="class")
+            return load_images(class_images, cfg.resolution, cfg.center_crop, what="class", multiple=self._multiple)
         root = cfg.class_data_dir or os.path.join(self.output_dir, "class_images")
         cache = priors.PriorCache(self.model, cfg.class_prompt, seed=cfg.seed, width=cfg.resolution,
                                   height=cfg.resolution, steps=cfg.class_steps, guidance=cfg.class_guidance, root=root)
         if self.accelerator.is_main_process:
             cache.ensure(cfg.num_class_images, should_stop=self.should_stop)
         self.accelerator.wait_for_everyone()
-        return load_images(cache.load(cfg.num_class_images), cfg.resolution, cfg.center_crop, what="class")
+        return load_images(cache.load(cfg.num_class_images), cfg.resolution, cfg.center_crop, what="class", multiple=self._multiple)
 
     def _trainables(self) -> None:
         """What is trained: adapters on the shared modules (LoRA) or deep copies (full); guards for the rest."""
@@ -210,7 +211,7 @@ class Run:
                                    self.world, cfg.with_prior_preservation)
             ctx = nullcontext() if micro == accum - 1 else acc.no_sync(self.d_wrapped)
             with ctx, acc.autocast():
-                loss = self.objective.loss(self.d_wrapped, batch, self._conditioning(batch), self.device, self.dtype,
+                loss = self.objective.loss(self.d_wrapped, batch, self._conditioning, self.device, self.dtype,
                                            prior_weight) / accum
             acc.backward(loss)
             step_loss += loss.detach().float().cpu()
@@ -245,17 +246,18 @@ class Run:
         if step < cfg.steps and self._agreed_stop():
             self.stopped = True
 
-    def _conditioning(self, batch):
+    def _conditioning(self, prompt_index: list):
+        """The text conditioning of elements whose prompts are ``prompt_index`` (indices into the cache)."""
         import torch
 
         data = self.data
         if self.family == "zimage":
             # a fresh list per step, built from the cache: never extended in place
-            return [data.embeds[i].to(device=self.device, dtype=self.dtype) for i in batch.prompt_index]
+            return [data.embeds[i].to(device=self.device, dtype=self.dtype) for i in prompt_index]
         if self.train_te:
-            ids = torch.stack([data.ids[i] for i in batch.prompt_index]).to(self.device)
+            ids = torch.stack([data.ids[i] for i in prompt_index]).to(self.device)
             return self.te_wrapped(ids)[0]
-        return torch.stack([data.embeds[i] for i in batch.prompt_index]).to(self.device)
+        return torch.stack([data.embeds[i] for i in prompt_index]).to(self.device)
 
     def _agreed_stop(self) -> bool:
         import torch
