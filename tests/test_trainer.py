@@ -519,3 +519,103 @@ def test_dreambooth_node_reuses_a_finished_run(tmp_path, monkeypatch):
     again, _, _ = node.train(model, images, **args, checkpoint_every=5, validation_prompt="a dog on a beach")
     assert calls == [1] and _same_lora(lora, again) and tuple(plot.shape) == (1, 360, 640, 3)
     assert not os.path.isabs(again.metadata["base_model"]) and str(tmp_path) not in str(again.metadata)
+
+
+# ---------------------------------------------------------------------------
+# differential output preservation and timestep sampling
+# ---------------------------------------------------------------------------
+
+
+def test_dop_gradient_reaches_only_the_lora(tmp_path):
+    """The DOP penalty trains the LoRA alone: the reference pass runs without it and without gradients."""
+    from peft import LoraConfig
+    from turbobooth.trainer import adapters as A
+    from turbobooth.trainer.objective import Batch
+
+    model = _model("zimage")
+    denoiser = model.denoiser
+    denoiser.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"], init_lora_weights=False),
+                         adapter_name=A.ADAPTER)
+    try:
+        emb = loop._encode_prompt(model.pipe, "zimage", "a photo of dog", "cpu")
+        lat = loop._encode_latents(model.pipe, "zimage", _squares(RED[:2]), "cpu")
+        batch = Batch([lat[0], lat[1]], [0, 0], [False, False], [3, 4])
+        objective = loop._Objective(model.pipe, "zimage", 0)
+        passes = []
+
+        @contextlib.contextmanager
+        def off():
+            passes.append(torch.is_grad_enabled())
+            with A.lora_off(denoiser, False):
+                yield
+
+        penalty = objective.dop_loss(denoiser, batch, lambda idx: [emb] * len(idx), "cpu", torch.float32, {0: 0}, off)
+        assert penalty.item() > 0 and passes == [False]
+        penalty.backward()
+        with_grad = {n for n, p in denoiser.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+        assert with_grad and all(A.ADAPTER in n for n in with_grad), sorted(with_grad)[:3]
+        assert {n for n, p in denoiser.named_parameters() if p.requires_grad} <= {
+            n for n, _ in denoiser.named_parameters() if A.ADAPTER in n}
+    finally:
+        model.pipe.unload_lora_weights()
+
+
+def test_dop_keeps_class_outputs_nearer_the_base_over_several_seeds(tmp_path, capsys):
+    """With DOP the class prompt's output drifts less from the base than without it, at the same steps,
+    for every seed tried (figures printed with -s)."""
+    class_prompt, instance_prompt = "a photo of dog", "a photo of sks dog"
+    guidance = sampling.Guidance(negative_prompts=("",), scales=(0.0,))
+    figures = {}
+    with _one_thread():
+        for seed in (0, 1, 2):
+            model = _model("zimage")
+            _normalise_latents(model, _squares(BLUE) + _squares(RED))
+            _fit_base(model, _squares(BLUE), class_prompt, steps=40, lr=5e-3)
+
+            def outputs(loras=(), model=model):
+                return sampling.generate(model, [class_prompt] * 2, seed=100, steps=3, width=32, height=32,
+                                         guidance=guidance, loras=loras).latents
+
+            base = outputs()
+            drift = {}
+            for dop in (0.0, 1.0):
+                cfg = _cfg(tmp_path, f"dop{seed}-{dop}", steps=60, lr=5e-3, seed=seed, instance_prompt=instance_prompt,
+                           class_prompt=class_prompt, dop_weight=dop, dop_class="dog")
+                lora = loop.train(model, cfg, _squares(RED)).lora
+                drift[dop] = float((outputs([(lora, 1.0)]) - base).abs().mean())
+            figures[seed] = drift
+    print("DOP drift of the class prompt (without, with):", {s: (round(d[0.0], 4), round(d[1.0], 4))
+                                                             for s, d in figures.items()})
+    for seed, d in figures.items():
+        assert d[0.0] > 0.01, figures  # training without DOP really moves the class prompt
+        assert d[1.0] < d[0.0], (seed, figures)
+    assert sum(d[1.0] for d in figures.values()) < 0.8 * sum(d[0.0] for d in figures.values()), figures
+
+
+def test_dop_and_timestep_settings_are_checked(tmp_path):
+    with pytest.raises(InvalidInputError, match="dop_class"):
+        _cfg(tmp_path, dop_weight=0.5)
+    with pytest.raises(InvalidInputError, match="timestep_sampling"):
+        _cfg(tmp_path, timestep_sampling="cosine")
+    with pytest.raises(InvalidInputError, match="flow matching"):
+        _cfg(tmp_path, family="sd1", timestep_sampling="logit_normal")
+    with pytest.raises(InvalidInputError, match="dop_weight"):
+        _cfg(tmp_path, dop_weight=-1.0, dop_class="dog")
+    with pytest.raises(InvalidInputError, match="trigger word"):
+        loop.train(_model("zimage"), _cfg(tmp_path, instance_prompt="a photo of a dog", class_prompt="a photo of a cat",
+                                          dop_weight=1.0, dop_class="dog", trigger="sks"), _squares(RED))
+
+
+@pytest.mark.parametrize("how", ["uniform", "logit_normal", "shifted"])
+def test_timestep_sampling(how, zmodel):
+    objective = loop._Objective(zmodel.pipe, "zimage", 0, how, 3.0)
+    noise, idx, sigma = objective.draw(list(range(2000)), (16, 2, 2))
+    s = objective.sigmas[idx] if sigma is None else sigma
+    assert noise.shape == (2000, 16, 2, 2) and 0.0 <= float(s.min()) and float(s.max()) <= 1.0
+    again = objective.draw(list(range(2000)), (16, 2, 2))
+    assert torch.equal(noise, again[0]) and torch.equal(s, objective.sigmas[again[1]] if again[2] is None else again[2])
+    if how != "shifted":  # a place in the model's own schedule
+        middle = float(((idx > 300) & (idx < 700)).float().mean())
+        assert (middle > 0.5) == (how == "logit_normal"), middle  # logit-normal favours the middle (about 0.6)
+    if how == "shifted":
+        assert float(s.median()) > 0.65  # shift 3 moves mass to high noise

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from contextlib import contextmanager
 
 from ..manager.errors import InvalidInputError, WrongFamilyError
 
@@ -109,6 +110,17 @@ def activate(denoiser, with_training_adapter: bool) -> None:
     else:
         denoiser.set_adapters([ADAPTER])
     set_requires_grad(denoiser, ADAPTER, True)
+
+
+@contextmanager
+def lora_off(denoiser, with_training_adapter: bool):
+    """ADAPTER at weight 0 for the ``with`` block (its output then adds exactly nothing), then as in training."""
+    names = [TRAINING_ADAPTER, ADAPTER] if with_training_adapter else [ADAPTER]
+    denoiser.set_adapters(names, [1.0] * (len(names) - 1) + [0.0])
+    try:
+        yield
+    finally:
+        activate(denoiser, with_training_adapter)
 
 
 def check_finite(modules) -> bool:

@@ -13,9 +13,9 @@ import logging
 import os
 import sys
 
-from ..manager.errors import TurboBoothError
+from ..manager.errors import TurboBoothError, get_logger
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 EXIT_OK, EXIT_ERROR, EXIT_STOPPED = 0, 2, 3
 

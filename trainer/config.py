@@ -22,6 +22,7 @@ from ..manager.families import FAMILIES
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")  # auto: bf16 where the device has it, else fp32
 LR_SCHEDULERS = ("constant", "cosine", "linear")
 TRAIN_MODES = ("lora", "full")
+TIMESTEP_SAMPLING = ("uniform", "logit_normal", "shifted")
 OPTIMIZERS = ("adamw", "adamw8bit")
 # Fields that do not change the training trajectory; a checkpoint made with other values still resumes.
 _NON_TRAJECTORY = frozenset(
@@ -73,6 +74,11 @@ class TrainConfig:
     center_crop: bool = False  # False: aspect-ratio buckets of about resolution**2 pixels (never upscaled)
     caption_dropout: float = 0.0  # share of instance elements trained with an empty prompt
     trigger: str = ""  # what [trigger] in captions becomes; "" = the instance prompt's unique word
+    timestep_sampling: str = "uniform"  # Z-Image: uniform | logit_normal | shifted (see trainer.objective)
+    timestep_shift: float = 3.0  # the shift of timestep_sampling="shifted"
+    dop_weight: float = 0.0  # differential output preservation: weight of the penalty (0 = off)
+    dop_every: int = 1  # run the DOP passes every k steps
+    dop_class: str = ""  # the class word that replaces the trigger in DOP prompts, e.g. "dog"
     train_mode: str = "lora"
     rank: int = 16
     alpha: float | None = None  # None = rank
@@ -274,6 +280,9 @@ def _check_numbers(cfg: TrainConfig) -> None:  # noqa: C901 - a flat list of che
         raise _err(f"adam_weight_decay={cfg.adam_weight_decay!r} must be >= 0")
     if cfg.min_free_disk_gb < 0:
         raise _err(f"min_free_disk_gb={cfg.min_free_disk_gb!r} must be >= 0")
+    _int(cfg, "dop_every", 1)
+    if cfg.dop_weight < 0 or cfg.timestep_shift <= 0:
+        raise _err(f"dop_weight={cfg.dop_weight!r} must be >= 0 and timestep_shift={cfg.timestep_shift!r} > 0")
     if not 0 <= cfg.caption_dropout < 1:
         raise _err(f"caption_dropout={cfg.caption_dropout!r} must be in [0, 1) (0 = off)")
     if not isinstance(cfg.trigger, str) or cfg.trigger != cfg.trigger.strip():
@@ -283,7 +292,16 @@ def _check_numbers(cfg: TrainConfig) -> None:  # noqa: C901 - a flat list of che
 def _check_choices(cfg: TrainConfig) -> None:  # noqa: C901 - a flat list of checks reads best
     """Allowed names, combinations that make sense, prompts and paths."""
     check_choices(mixed_precision=(cfg.mixed_precision, MIXED_PRECISION), lr_scheduler=(cfg.lr_scheduler, LR_SCHEDULERS),
-                  train_mode=(cfg.train_mode, TRAIN_MODES), optimizer=(cfg.optimizer, OPTIMIZERS))
+                  train_mode=(cfg.train_mode, TRAIN_MODES), optimizer=(cfg.optimizer, OPTIMIZERS),
+                  timestep_sampling=(cfg.timestep_sampling, TIMESTEP_SAMPLING))
+    if cfg.timestep_sampling != "uniform" and cfg.family != "zimage":
+        raise _err(f"timestep_sampling={cfg.timestep_sampling!r} is for Z-Image's flow matching; SD1.x samples "
+                   "its DDPM timesteps uniformly (leave it 'uniform')")
+    if cfg.dop_weight and (not isinstance(cfg.dop_class, str) or not cfg.dop_class.strip()):
+        raise _err("dop_weight > 0 needs dop_class, the class word that replaces the trigger (e.g. 'dog')")
+    if cfg.dop_weight and cfg.train_mode != "lora":
+        raise _err("differential output preservation compares the model with and without the LoRA; "
+                   "it needs train_mode='lora'")
     if cfg.train_mode == "full" and cfg.family != "sd1":
         raise _err(
             f"train_mode='full' is only supported for Stable Diffusion 1.x, not {FAMILIES[cfg.family].label}; "

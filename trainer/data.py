@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 from dataclasses import dataclass
 from typing import Any
 
-from ..manager.errors import InvalidInputError
+from ..manager.errors import InvalidInputError, get_logger
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 # Words that never make a unique identifier on their own.

@@ -103,6 +103,20 @@ class TrainData:
     ids: list = field(default_factory=list)  # token ids per prompt (only when training the text encoder)
     empty: int | None = None
     dropout: float = 0.0
+    dop_prompt: dict = field(default_factory=dict)  # instance prompt index -> its DOP prompt's index
+
+
+def _dop_prompt(prompt: str, trigger: str, class_word: str) -> str:
+    """The prompt with the trigger replaced by the class word: "a photo of sks dog" -> "a photo of dog" (a trigger
+    already followed by the class word is dropped), "sks on a beach" -> "dog on a beach"."""
+    import re
+
+    if not trigger or not re.search(rf"\b{re.escape(trigger)}\b", prompt):
+        raise InvalidInputError(
+            f"differential output preservation needs the trigger word {trigger!r} in every instance prompt or "
+            f"caption; {prompt!r} has none")
+    out = re.sub(rf"\b{re.escape(trigger)}\s+{re.escape(class_word)}\b", class_word, prompt)
+    return re.sub(rf"\b{re.escape(trigger)}\b", class_word, out)
 
 
 def cache_data(pipe, family: str, config, instance: list, class_data: list | None, device,
@@ -129,6 +143,9 @@ def cache_data(pipe, family: str, config, instance: list, class_data: list | Non
         data.class_prompt = [prompt_id(config.class_prompt) for _ in class_data]
     if data.dropout:
         data.empty = prompt_id("")
+    if config.dop_weight:
+        data.dop_prompt = {i: prompt_id(_dop_prompt(prompts[i], trigger, config.dop_class))
+                           for i in set(data.inst_prompt)}
     data.prompts = prompts
     for p in prompts:
         _check_stop(should_stop, "encoding prompts")
@@ -206,9 +223,10 @@ def assemble_batch(data: TrainData, seed: int, micro_index: int, batch_size: int
 class _Objective:
     """Noise, timesteps and targets per family; everything derived from the element positions."""
 
-    def __init__(self, pipe, family: str, seed: int):
+    def __init__(self, pipe, family: str, seed: int, timestep_sampling: str = "uniform", shift: float = 3.0):
         self.family = family
         self.seed = seed
+        self.sampling, self.shift = timestep_sampling, float(shift)
         if family == "zimage":
             from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -229,27 +247,47 @@ class _Objective:
                 )
 
     def draw(self, positions: list, shape) -> tuple:
-        import torch
+        """Noise and a timestep per element, from its position. Flow-matching timesteps (Z-Image) are drawn by
+        ``timestep_sampling``; each way in one line:
 
-        noises, idx = [], []
+        * ``uniform``: every training timestep of the model's own (shifted) schedule equally likely, as
+          diffusers' Z-Image DreamBooth script samples them (``weighting_scheme="none"``);
+        * ``logit_normal``: ``u = sigmoid(N(0, 1))`` picks from that schedule, favouring middle noise levels (SD3);
+        * ``shifted``: ``sigma = s*u / (1 + (s-1)*u)`` with ``u`` uniform and ``s = timestep_shift``, continuous.
+
+        Returns (noise, schedule index or None, sigma or None) batched per element."""
+        import torch
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        noises, idx, sigmas = [], [], []
         for p in positions:
             g = _position_generator(self.seed, p, 3)
             noises.append(torch.randn(tuple(shape), generator=g, dtype=torch.float32))
-            idx.append(int(torch.randint(0, self.num_train_timesteps, (1,), generator=g)))
-        return torch.stack(noises), torch.tensor(idx, dtype=torch.long)
+            if self.family != "zimage" or self.sampling == "uniform":
+                idx.append(int(torch.randint(0, self.num_train_timesteps, (1,), generator=g)))
+                continue
+            scheme = "logit_normal" if self.sampling == "logit_normal" else "none"
+            u = float(compute_density_for_timestep_sampling(scheme, 1, 0.0, 1.0, generator=g)[0])
+            if self.sampling == "logit_normal":
+                idx.append(min(int(u * self.num_train_timesteps), self.num_train_timesteps - 1))
+            else:
+                sigmas.append(self.shift * u / (1 + (self.shift - 1) * u))
+        if sigmas:
+            return torch.stack(noises), None, torch.tensor(sigmas, dtype=torch.float32)
+        return torch.stack(noises), torch.tensor(idx, dtype=torch.long), None
 
     def predict_and_target(self, denoiser, latents, cond, positions, device, dtype) -> tuple:
         """Model prediction and regression target, both float32 on ``device``."""
         import torch
 
-        noise, idx = self.draw(positions, latents.shape[1:])
+        noise, idx, drawn = self.draw(positions, latents.shape[1:])
         x0 = latents.to(device)
         noise = noise.to(device)
         if self.family == "zimage":
             # Flow matching as ZImagePipeline samples it: x_t = (1 - s) x0 + s noise; the model
             # takes t = 1 - s and its negated output is the velocity noise - x0.
-            sigma = self.sigmas[idx].to(device).view(-1, 1, 1, 1)
-            timesteps = self.timesteps[idx].to(device)
+            sigma = (self.sigmas[idx] if drawn is None else drawn).to(device).view(-1, 1, 1, 1)
+            timesteps = self.timesteps[idx].to(device) if drawn is None else drawn.to(device) * 1000.0
             noisy = (1.0 - sigma) * x0 + sigma * noise
             model_t = (1000.0 - timesteps) / 1000.0
             inputs = list(noisy.to(dtype).unsqueeze(2).unbind(0))
@@ -266,7 +304,7 @@ class _Objective:
             target = noise
         return pred, target
 
-    def loss(self, denoiser, batch: Batch, cond, device, dtype, prior_loss_weight: float | None):
+    def loss(self, denoiser, batch: Batch, cond, device, dtype, prior_loss_weight: float | None, dop=None):
         """Mean squared error of the instance elements, plus the weighted prior term when it is on.
 
         Elements of one size run in one forward pass; elements of other sizes (instance and class images in
@@ -287,4 +325,29 @@ class _Objective:
         loss = per_elem[~mask].mean()
         if prior_loss_weight is not None:
             loss = loss + prior_loss_weight * per_elem[mask].mean()
+        if dop is not None:  # (weight, DOP prompts, LoRA-off context)
+            penalty = self.dop_loss(denoiser, batch, cond, device, dtype, dop[1], dop[2])
+            loss = loss if penalty is None else loss + dop[0] * penalty
         return loss
+
+    def dop_loss(self, denoiser, batch: Batch, cond, device, dtype, dop_prompt: dict, without_lora) -> Any:
+        """Differential output preservation: for the instance elements, the DOP prompt (the trigger replaced by
+        the class word) is run with the LoRA and, under ``without_lora()``, without it, on the same noisy
+        latents; the squared difference is the penalty. Only the LoRA gets its gradient (the other pass is
+        under no_grad). None when no element has a DOP prompt (caption dropout)."""
+        import torch
+
+        rows = [i for i, (prior, p) in enumerate(zip(batch.is_prior, batch.prompt_index, strict=True))
+                if not prior and p in dop_prompt]
+        if not rows:
+            return None
+        errors = []
+        for shape in dict.fromkeys(tuple(batch.latents[i].shape) for i in rows):
+            sub = [i for i in rows if tuple(batch.latents[i].shape) == shape]
+            latents, positions = torch.stack([batch.latents[i] for i in sub]), [batch.positions[i] for i in sub]
+            c = cond([dop_prompt[batch.prompt_index[i]] for i in sub])
+            with_lora, _ = self.predict_and_target(denoiser, latents, c, positions, device, dtype)
+            with torch.no_grad(), without_lora():
+                base, _ = self.predict_and_target(denoiser, latents, c, positions, device, dtype)
+            errors.append(((with_lora.float() - base.float()) ** 2).reshape(len(sub), -1).mean(1))
+        return torch.cat(errors).mean()

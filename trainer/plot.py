@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import math
 
+from ..manager.errors import get_logger
+
+logger = get_logger(__name__)
+
 
 def loss_plot(losses: list[float], width: int = 640, height: int = 360, title: str = "training loss"):
     """A loss-curve image drawn with PIL (raw loss + moving average)."""
@@ -46,3 +50,16 @@ def loss_plot(losses: list[float], width: int = 640, height: int = 360, title: s
         smooth.append(ema)
     draw.line([xy(i, v) for i, v in enumerate(smooth)], fill=(20, 60, 160), width=2)
     return img
+
+
+def save_loss_plot(losses: list, path: str | None):
+    """The loss plot; written atomically to ``path`` when given (a failure only warns)."""
+    from ..manager.paths import atomic_file
+
+    plot = loss_plot(losses)
+    if path:
+        try:
+            atomic_file(path, lambda tmp: plot.save(tmp, format="PNG"))
+        except OSError as e:
+            logger.warning("could not save the loss plot: %s", e)
+    return plot

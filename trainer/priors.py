@@ -21,16 +21,15 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import logging
 import os
 import re
 from collections.abc import Callable
 
-from ..manager.errors import Interrupted, InvalidInputError
+from ..manager.errors import Interrupted, InvalidInputError, get_logger
 from ..manager.families import defaults_for
 from ..manager.paths import atomic_file
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 CACHE_VERSION = 2
 CHUNK = 4  # images rendered per batch; fixed, so each image always comes from the same batch

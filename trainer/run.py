@@ -9,7 +9,6 @@ caller holds ``model.lock`` for the whole run so sampling never touches the mode
 from __future__ import annotations
 
 import copy
-import logging
 import math
 import os
 from collections.abc import Callable
@@ -17,14 +16,15 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..manager.errors import InvalidInputError, WrongFamilyError
+from ..manager.errors import InvalidInputError, WrongFamilyError, get_logger
 from ..manager.families import defaults_for
 from . import adapters as A
 from . import state as S
 from .config import TrainConfig
 from .objective import SEED_SPACE, _Objective, assemble_batch, cache_data
+from .plot import save_loss_plot
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 _warned_turbo = False
 
 
@@ -102,7 +102,7 @@ class Run:
             self.last_checkpoint = resume_path
             logger.info("resumed from %s at step %d", resume_path, self.start_step)
         S.check_output_dir(self.output_dir, cfg.min_free_disk_gb)  # created now that the data is cached
-        self.objective = _Objective(self.pipe, self.family, cfg.seed)
+        self.objective = _Objective(self.pipe, self.family, cfg.seed, cfg.timestep_sampling, cfg.timestep_shift)
         self.dtype = self.model.dtype if self.lora_mode else self.denoiser.dtype
         self._logging = S.start_logging(acc, cfg)
 
@@ -212,7 +212,7 @@ class Run:
             ctx = nullcontext() if micro == accum - 1 else acc.no_sync(self.d_wrapped)
             with ctx, acc.autocast():
                 loss = self.objective.loss(self.d_wrapped, batch, self._conditioning, self.device, self.dtype,
-                                           prior_weight) / accum
+                                           prior_weight, self._dop()) / accum
             acc.backward(loss)
             step_loss += loss.detach().float().cpu()
         mean_loss = float(acc.reduce(step_loss.to(acc.device), reduction="mean").item()) if self.world > 1 \
@@ -245,6 +245,13 @@ class Run:
             self.on_step(step, cfg.steps, preview, **extra)
         if step < cfg.steps and self._agreed_stop():
             self.stopped = True
+
+    def _dop(self):
+        """(weight, DOP prompts, LoRA-off context) on the steps that run differential output preservation."""
+        cfg = self.config
+        if not cfg.dop_weight or self.global_step % cfg.dop_every:
+            return None
+        return cfg.dop_weight, self.data.dop_prompt, lambda: A.lora_off(self.denoiser, bool(cfg.training_adapter))
 
     def _conditioning(self, prompt_index: list):
         """The text conditioning of elements whose prompts are ``prompt_index`` (indices into the cache)."""
@@ -381,17 +388,3 @@ def _takes_info(callback) -> bool:
         return callback is not None and "info" in inspect.signature(callback).parameters
     except (TypeError, ValueError):
         return False
-
-
-def save_loss_plot(losses: list, path: str | None):
-    """The loss plot; written atomically to ``path`` when given (a failure only warns)."""
-    from ..manager.paths import atomic_file
-    from .plot import loss_plot
-
-    plot = loss_plot(losses)
-    if path:
-        try:
-            atomic_file(path, lambda tmp: plot.save(tmp, format="PNG"))
-        except OSError as e:
-            logger.warning("could not save the loss plot: %s", e)
-    return plot
