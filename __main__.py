@@ -1,4 +1,4 @@
-"""Command line: ``python -m turbobooth generate|demo|train|tiny``."""
+"""Command line: ``python -m turbobooth generate|demo|train|tiny|serve``."""
 
 from __future__ import annotations
 
@@ -84,6 +84,12 @@ def cmd_train(args) -> int:
     return train_main(args.rest)
 
 
+def cmd_serve(args) -> int:
+    from .serve.cli import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="turbobooth", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -118,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default="tiny_models")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=cmd_tiny)
+
+    sv = sub.add_parser("serve", help="the REST service (needs the serve extra: pip install turbobooth[serve])")
+    from .serve.cli import add_arguments
+
+    add_arguments(sv)
+    sv.set_defaults(func=cmd_serve)
 
     tr = sub.add_parser("train", help="DreamBooth training from a YAML/JSON config", add_help=False)
     tr.add_argument("rest", nargs=argparse.REMAINDER)

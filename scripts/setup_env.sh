@@ -66,7 +66,9 @@ else
     pip_install "$TORCH_PIN" "$TORCHVISION_PIN"
 fi
 
-# 3. The project itself, editable, with the test extras. Re-run when pyproject.toml changes.
+# 3. The project itself, editable, with the test extras and the service's (serve, azureml, ray: tests/serve
+#    runs all three). Re-run when pyproject.toml changes.
+EXTRAS="test,serve,azureml,ray"
 STAMP="$VENV/.turbobooth-project.sha256"
 WANT="$(sha256sum "$REPO_ROOT/pyproject.toml" | cut -d' ' -f1) $REPO_ROOT"
 HAVE="$(cat "$STAMP" 2>/dev/null || true)"
@@ -77,15 +79,16 @@ import importlib.util, os, sys
 spec = importlib.util.find_spec("turbobooth")
 assert spec and os.path.dirname(os.path.realpath(spec.origin)) == os.path.realpath(sys.argv[1])
 import pytest, ruff  # noqa: F401
+import fastapi, uvicorn, prometheus_client, multipart, httpx, ray.serve, azureml_inference_server_http, azure.ai.ml  # noqa
 EOF
     ) >/dev/null 2>&1
 }
 if [[ "$WANT" == "$HAVE" ]] && project_installed; then
     log "project already installed (editable)"
 else
-    log "installing the project: pip install -e .[test]"
+    log "installing the project: pip install -e .[$EXTRAS]"
     # The project's own dependency list must not move torch off its pin.
-    pip_install -e "$REPO_ROOT[test]" "$TORCH_PIN" "$TORCHVISION_PIN"
+    pip_install -e "$REPO_ROOT[$EXTRAS]" "$TORCH_PIN" "$TORCHVISION_PIN"
     echo "$WANT" >"$STAMP"
 fi
 
