@@ -118,8 +118,10 @@ class JobRunner:
         cfg = train_config(job["params"], os.path.join(folder, "run"), self.config.preview_every)
         last = [0.0]
 
-        def on_step(step, total, preview):
-            event = {"type": "step", "step": step, "total": total}
+        def on_step(step, total, preview, info=None):
+            event = {"type": "step", "step": step, "total": total, **({"loss": info["loss"]} if info else {})}
+            if info:
+                self.emit(job_id, {"type": "loss", "step": step, "loss": info["loss"]})
             if preview is not None:
                 event["preview"] = data_url(preview)
             self.emit(job_id, event)
@@ -129,8 +131,6 @@ class JobRunner:
                 self.store.update(job_id, progress={"step": step, "total": total})
 
         result = train(self.engine.model, cfg, images, on_step=on_step, should_stop=stop.is_set)
-        for i, loss in enumerate(result.losses):
-            self.emit(job_id, {"type": "loss", "step": i + 1, "loss": loss})
         progress = {"step": result.step, "total": cfg.steps, "losses": list(result.losses)}
         if result.stopped:
             self.set_state(job_id, "cancelled", progress=progress,

@@ -75,6 +75,9 @@ def test_personalization_job_makes_a_usable_lora(service, client):
     assert [e["step"] for e in previews] == [2, 4]  # --preview-every 2
     assert previews[0]["preview"].startswith("data:image/png;base64,")
     assert kinds.count("loss") == 4
+    last_step = len(kinds) - 1 - kinds[::-1].index("step")
+    assert kinds.index("loss") < last_step, "the loss streams live, step by step, not after the run"
+    assert all("loss" in e for e in events if e["type"] == "step")
     job = client.get(f"/v1/jobs/{job_id}").json()
     assert job["result"]["lora"] == "sks-dog" and len(job["progress"]["losses"]) == 4
     assert "sks-dog" in [d["name"] for d in client.get("/v1/loras").json()["data"]]
