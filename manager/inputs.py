@@ -38,10 +38,15 @@ def number(name: str, value, lo: float | None = None, hi: float | None = None, *
 
 
 def seed_list(seed, count: int) -> list[int]:
-    """Per-prompt seeds ``seed + i``, wrapping at 2**64 so every seed the widget allows works."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-        raise InvalidInputError(f"seed={seed!r} must be a whole number from 0 to {MAX_SEED}")
-    return [(seed + i) % (MAX_SEED + 1) for i in range(count)]
+    """Per-prompt seeds: ``seed + i`` for one seed, wrapping at 2**64 so every seed the widget allows works, or
+    a list of ``count`` seeds as given."""
+    seeds = list(seed) if isinstance(seed, (list, tuple)) else None
+    if seeds is not None and len(seeds) != count:
+        raise InvalidInputError(f"got {len(seeds)} seeds for {count} prompts; give one seed, or one per prompt")
+    for s in seeds if seeds is not None else [seed]:
+        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED:
+            raise InvalidInputError(f"seed={s!r} must be a whole number from 0 to {MAX_SEED}")
+    return [int(s) for s in seeds] if seeds is not None else [(seed + i) % (MAX_SEED + 1) for i in range(count)]
 
 
 def finite_tensor(name: str, tensor) -> None:

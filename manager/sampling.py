@@ -299,7 +299,7 @@ def _adapters(model: TurboModel, loras):
 def generate(
     model: TurboModel,
     prompts: str | Sequence[str],
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
     steps: int | None = None,
     width: int | None = None,
     height: int | None = None,
@@ -318,7 +318,8 @@ def generate(
     """Generate images; see the module docstring.
 
     ``prompts``: a list, or text with one prompt per line. Prompt ``i`` uses seed ``seed + i`` (mod 2**64)
-    for its ``images_per_prompt`` images, so a prompt gives the same images whether it runs alone or in a batch.
+    for its ``images_per_prompt`` images, so a prompt gives the same images whether it runs alone or in a batch;
+    ``seed`` may also be a list with one seed per prompt.
     """
     job = _job(model, prompts, seed, steps, width, height, images_per_prompt, sampler, shift, guidance,
                init_image, denoise, mask, max_sequence_length)

@@ -160,6 +160,18 @@ def test_seeds_wrap_at_two_to_the_64(folders):
             generate(model, "a dog", seed=bad, steps=2, width=32, height=32)
 
 
+def test_one_seed_per_prompt(folders):
+    model = _load()
+    mixed = generate(model, "a dog\na cat", seed=[5, MAX_SEED], steps=2, width=32, height=32)
+    assert mixed.seeds == [5, MAX_SEED]
+    alone = generate(model, "a cat", seed=MAX_SEED, steps=2, width=32, height=32)
+    assert torch.allclose(mixed.images[1], alone.images[0], atol=1e-5)
+    with pytest.raises(InvalidInputError, match="2 seeds for 3 prompts"):
+        generate(model, "a\nb\nc", seed=[1, 2], steps=2, width=32, height=32)
+    with pytest.raises(InvalidInputError, match="seed"):
+        generate(model, "a\nb", seed=[1, -2], steps=2, width=32, height=32)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_numbers_are_refused_by_name(folders, bad):
     model = _load()
