@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import errno
 import json
-import logging
 import os
 import shutil
 import uuid
 
-from ..manager.errors import InvalidInputError
+from ..manager.errors import InvalidInputError, get_logger
 from .config import TrainConfig
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 STATE_FILE = "turbobooth_state.json"
 CHECKPOINT_FORMAT = 2
