@@ -619,3 +619,45 @@ def test_timestep_sampling(how, zmodel):
         assert (middle > 0.5) == (how == "logit_normal"), middle  # logit-normal favours the middle (about 0.6)
     if how == "shifted":
         assert float(s.median()) > 0.65  # shift 3 moves mass to high noise
+
+
+# ---------------------------------------------------------------------------
+# EMA
+# ---------------------------------------------------------------------------
+
+
+def test_ema_follows_diffusers_decay_schedule_on_the_cpu():
+    from turbobooth.trainer import ema as E
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    ema = E.make([p], 0.9)
+    expected, seen = torch.zeros(3), []
+    for n in range(1, 8):
+        with torch.no_grad():
+            p.add_(1.0)
+        E.update(ema, [p])
+        decay = 0.0 if n == 1 else min(0.9, n / (9 + n))  # diffusers: min(decay, (1 + k) / (10 + k)), k = n - 1
+        expected = decay * expected + (1 - decay) * p.detach()
+        seen.append(float(ema.shadow_params[0][0]))
+        assert torch.allclose(ema.shadow_params[0], expected, atol=1e-6), (n, seen)
+    assert ema.shadow_params[0].device.type == "cpu"
+    with E.swapped_in(ema, [p]):
+        assert torch.allclose(p.detach(), expected)
+    assert torch.equal(p.detach(), torch.full((3,), 7.0))
+
+
+def test_ema_lora_resumes_exactly_and_differs_from_the_trained_one(zmodel, tmp_path):
+    kw = dict(steps=6, lr=3e-3, ema_decay=0.8)
+    full = loop.train(zmodel, _cfg(tmp_path, "full", **kw), _squares(RED))
+    assert full.lora_ema is not None and not _same_lora(full.lora, full.lora_ema)
+    assert full.lora_ema.metadata["ema_decay"] == "0.8"
+    done = []
+    cfg = _cfg(tmp_path, "split", checkpoint_every=2, **kw)
+    loop.train(zmodel, cfg, _squares(RED), on_step=lambda s, t, p: done.append(s), should_stop=lambda: len(done) >= 3)
+    assert {"ema.safetensors", "ema.json"} <= set(os.listdir(os.path.join(cfg.output_dir, "checkpoint-3")))
+    second = loop.train(zmodel, cfg.replace(resume="latest"), _squares(RED))
+    assert _same_lora(second.lora, full.lora) and _same_lora(second.lora_ema, full.lora_ema)
+    assert loop.train(zmodel, _cfg(tmp_path, "off", steps=2), _squares(RED)).lora_ema is None
+    for bad in (1.0, -0.5, 1.5, float("nan")):
+        with pytest.raises(InvalidInputError, match="ema_decay"):
+            _cfg(tmp_path, ema_decay=bad)

@@ -79,6 +79,7 @@ class TrainConfig:
     dop_weight: float = 0.0  # differential output preservation: weight of the penalty (0 = off)
     dop_every: int = 1  # run the DOP passes every k steps
     dop_class: str = ""  # the class word that replaces the trigger in DOP prompts, e.g. "dog"
+    ema_decay: float = 0.0  # an EMA of the LoRA weights on the CPU, e.g. 0.999 (0 = off)
     train_mode: str = "lora"
     rank: int = 16
     alpha: float | None = None  # None = rank
@@ -283,6 +284,8 @@ def _check_numbers(cfg: TrainConfig) -> None:  # noqa: C901 - a flat list of che
     _int(cfg, "dop_every", 1)
     if cfg.dop_weight < 0 or cfg.timestep_shift <= 0:
         raise _err(f"dop_weight={cfg.dop_weight!r} must be >= 0 and timestep_shift={cfg.timestep_shift!r} > 0")
+    if cfg.ema_decay and not 0 < cfg.ema_decay < 1:
+        raise _err(f"ema_decay={cfg.ema_decay!r} must be inside (0, 1), e.g. 0.999, or 0 for no EMA")
     if not 0 <= cfg.caption_dropout < 1:
         raise _err(f"caption_dropout={cfg.caption_dropout!r} must be in [0, 1) (0 = off)")
     if not isinstance(cfg.trigger, str) or cfg.trigger != cfg.trigger.strip():

@@ -9,6 +9,7 @@ caller holds ``model.lock`` for the whole run so sampling never touches the mode
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import os
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from typing import Any
 from ..manager.errors import InvalidInputError, WrongFamilyError, get_logger
 from ..manager.families import defaults_for
 from . import adapters as A
+from . import ema as E
 from . import state as S
 from .config import TrainConfig
 from .objective import SEED_SPACE, _Objective, assemble_batch, cache_data
@@ -39,6 +41,7 @@ class TrainResult:
     step: int = 0
     total_steps: int = 0
     previews: list = field(default_factory=list)
+    lora_ema: Any = None  # the EMA of the LoRA weights, when ema_decay is on
 
 
 class Run:
@@ -72,6 +75,7 @@ class Run:
         self._guards: list = []
         self._hooks: list = []
         self._adapters = self._logging = False
+        self.ema = None
         self._multiple = defaults_for(self.family).size_multiple  # bucket sides
 
     # -- setup ----------------------------------------------------------------------------
@@ -191,6 +195,9 @@ class Run:
                 self.denoiser, self.text_encoder, optimizer, scheduler)
         else:
             self.d_wrapped, self.optim, self.lr_scheduler = acc.prepare(self.denoiser, optimizer, scheduler)
+        if cfg.ema_decay:
+            self.ema = E.make(self.params, cfg.ema_decay)
+            self._hooks += E.register_hooks(acc, self.ema)
             self.te_wrapped = None
         if self.lora_mode:  # a full fine-tune is saved by accelerate itself
             parts = {"denoiser": self.denoiser, **({"text_encoder": self.text_encoder} if self.train_te else {})}
@@ -222,6 +229,8 @@ class Run:
         if acc.sync_gradients and cfg.max_grad_norm:
             acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
         self.optim.step()
+        if self.ema is not None:
+            E.update(self.ema, self.params)
         self.lr_scheduler.step()
         self.optim.zero_grad(set_to_none=True)
         self.global_step += 1
@@ -346,10 +355,12 @@ class Run:
         if not A.check_finite(self.trained):
             raise self._diverged(step)
         meta = A.metadata(self.model, cfg, step)
-        lora = new_model = None
+        lora = new_model = lora_ema = None
         if self.lora_mode:
-            lora = A.export_lora(self.model, cfg, self.text_encoder if self.train_te else None, meta,
-                                 os.path.basename(self.output_dir.rstrip(os.sep)) or "lora")
+            name, te = os.path.basename(self.output_dir.rstrip(os.sep)) or "lora", self.text_encoder if self.train_te else None
+            lora = A.export_lora(self.model, cfg, te, meta, name)
+            lora_ema = E.export(self.ema, self.params, lambda: A.export_lora(
+                self.model, cfg, te, {**meta, "ema_decay": cfg.ema_decay}, name + "_ema"))
         else:
             pipe = A.finetuned_pipeline(self.pipe, acc.unwrap_model(self.d_wrapped),
                                         acc.unwrap_model(self.te_wrapped) if self.train_te else None)
@@ -357,7 +368,7 @@ class Run:
         plot = save_loss_plot(self.losses, os.path.join(self.output_dir, "loss.png") if acc.is_main_process else None)
         return TrainResult(lora=lora, model=new_model, loss_plot=plot, losses=list(self.losses),
                            checkpoint_dir=self.last_checkpoint, stopped=self.stopped, step=step, total_steps=cfg.steps,
-                           previews=self.previews)
+                           previews=self.previews, lora_ema=lora_ema)
 
     def close(self) -> None:
         """Put the shared model back exactly as it was (always runs, also after errors)."""
@@ -382,8 +393,6 @@ class Run:
 
 def _takes_info(callback) -> bool:
     """Whether ``callback`` declares an ``info`` parameter (older ``on_step(step, total, preview)`` do not)."""
-    import inspect
-
     try:
         return callback is not None and "info" in inspect.signature(callback).parameters
     except (TypeError, ValueError):

@@ -1,0 +1,85 @@
+"""An exponential moving average of the trained weights: diffusers' ``EMAModel``, kept on the CPU.
+
+Its state rides in every checkpoint (``ema.safetensors`` + ``ema.json``, written by accelerate's save-state
+hook), so a resumed run continues the same average. The decay ramps up as diffusers' EMAModel does:
+``min(decay, (1 + n) / (10 + n))`` after ``n`` updates.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+
+from ..manager.errors import InvalidInputError
+
+_SCALARS = ("decay", "min_decay", "optimization_step", "update_after_step", "use_ema_warmup", "inv_gamma", "power")
+
+
+def _cpu(params) -> list:
+    # EMAModel averages only tensors that require grad (it copies the others), so the CPU copies say they do
+    return [p.detach().to("cpu").requires_grad_(True) for p in params]
+
+
+def make(params, decay: float):
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(_cpu(params), decay=float(decay))
+
+
+def update(ema, params) -> None:
+    """One EMA step after an optimizer step."""
+    ema.step(_cpu(params))
+
+
+def register_hooks(accelerator, ema) -> list:
+    """Save and load the EMA with accelerate's save_state/load_state (safetensors, never pickle)."""
+
+    def save_hook(models, weights, folder):
+        from safetensors.torch import save_file
+
+        if accelerator.is_main_process:
+            state = ema.state_dict()
+            save_file({f"shadow.{i}": t.contiguous() for i, t in enumerate(state["shadow_params"])},
+                      os.path.join(folder, "ema.safetensors"))
+            with open(os.path.join(folder, "ema.json"), "w", encoding="utf-8") as f:
+                json.dump({k: state[k] for k in _SCALARS}, f)
+
+    def load_hook(models, folder):
+        from safetensors.torch import load_file
+
+        path = os.path.join(folder, "ema.safetensors")
+        if not os.path.isfile(path):
+            raise InvalidInputError(f"checkpoint {folder!r} has no EMA weights; it was made with ema_decay off")
+        shadow = load_file(path)
+        with open(os.path.join(folder, "ema.json"), encoding="utf-8") as f:
+            state = json.load(f)
+        state["shadow_params"] = [shadow[f"shadow.{i}"] for i in range(len(shadow))]
+        ema.load_state_dict(state)
+
+    return [accelerator.register_save_state_pre_hook(save_hook), accelerator.register_load_state_pre_hook(load_hook)]
+
+
+@contextmanager
+def swapped_in(ema, params):
+    """The averaged weights in ``params`` for the ``with`` block (to export them), the trained ones after."""
+    import torch
+
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, s in zip(params, ema.shadow_params, strict=True):
+            p.copy_(s.to(device=p.device, dtype=p.dtype))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved, strict=True):
+                p.copy_(s)
+
+
+def export(ema, params, make_lora):
+    """``make_lora()`` with the averaged weights swapped in; None without an EMA."""
+    if ema is None:
+        return None
+    with swapped_in(ema, params):
+        return make_lora()
