@@ -40,6 +40,52 @@ SD1 = FamilyDefaults("sd1", "Stable Diffusion 1.x", 25, 7.5, 8, 512, ("to_q", "t
                      ("euler", "euler_a", "dpmpp_2m", "unipc", "ddim", "model_default"))
 
 FAMILIES = {"zimage": ZIMAGE, "sd1": SD1}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Sampling defaults of one Z-Image variant, and where the numbers come from."""
+
+    name: str
+    label: str
+    steps: int
+    guidance: float
+    source: str
+
+
+ZIMAGE_VARIANTS = {
+    # The Turbo card's "9 steps" are 8 denoising steps in diffusers 0.42; guidance 0: the CFG is distilled in.
+    "turbo": Variant("turbo", "Z-Image-Turbo", 8, 0.0, "Z-Image-Turbo's model card (8 steps, guidance 0)"),
+    # ZImagePipeline's own call defaults are Base's; its card gives 28-50 steps with CFG about 3-5.
+    "base": Variant("base", "Z-Image (Base)", 50, 5.0, "ZImagePipeline's defaults, which are Base's"),
+    # De-distilled Turbo checkpoints sample like Base again: with CFG and Base's step count.
+    "deturbo": Variant("deturbo", "Z-Image De-Turbo", 50, 5.0, "Base's defaults (a de-distilled Turbo uses CFG)"),
+}
+VARIANTS = ("auto", *ZIMAGE_VARIANTS)
+TURBO_SHIFT = 3.0  # Turbo's scheduler_config.json; Base's differs
+
+
+def detect_variant(names, scheduler_shift: float | None) -> str:
+    """Turbo, Base or De-Turbo, from the model's names (folder, repo id, ``_name_or_path``) and its scheduler."""
+    text = " ".join(str(n) for n in names if n).lower().replace("_", "-")
+    if any(k in text for k in ("de-turbo", "deturbo", "dedistill", "de-distill")):
+        return "deturbo"
+    if "turbo" in text:
+        return "turbo"
+    if scheduler_shift is not None and float(scheduler_shift) != TURBO_SHIFT:
+        return "base"
+    return "turbo" if scheduler_shift is not None else "base"
+
+
+def model_defaults(family: str, variant: str = "") -> FamilyDefaults:
+    """The family's defaults with the variant's steps and guidance (Z-Image); SD1.x has no variants."""
+    base = defaults_for(family)
+    v = ZIMAGE_VARIANTS.get(variant) if family == "zimage" else None
+    if v is None:
+        return base
+    import dataclasses
+
+    return dataclasses.replace(base, steps=v.steps, guidance=v.guidance, label=v.label)
 #: diffusers pipeline class name -> family
 PIPELINE_FAMILIES = {cls: f.name for f in FAMILIES.values() for cls in f.pipelines}
 

@@ -85,11 +85,6 @@ class Guidance:
             )
         return neg[index if len(neg) > 1 else 0], float(self.scales[index if len(self.scales) > 1 else 0])
 
-    @staticmethod
-    def default_for(family: str) -> Guidance:
-        d = defaults_for(family)
-        return Guidance(negative_prompts=("",), scales=(d.guidance,))
-
 
 def parse_prompts(text: str | Sequence[str]) -> list[str]:
     """One prompt per non-empty line, at most MAX_PROMPTS."""

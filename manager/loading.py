@@ -15,7 +15,7 @@ import os
 import warnings
 
 from .errors import ModelSourceError, UnsafeFileError, WrongFamilyError, get_logger
-from .families import FAMILIES, PIPELINE_FAMILIES, defaults_for
+from .families import FAMILIES, PIPELINE_FAMILIES, defaults_for, detect_variant
 from .model import TurboModel
 from .safety import PICKLE_SUFFIXES, check_safetensors
 from .spec import ModelSpec
@@ -351,7 +351,11 @@ def _load_model(spec: ModelSpec) -> TurboModel:
     for comp in pipe.components.values():
         if isinstance(comp, torch.nn.Module):  # from_pretrained / from_single_file already return eval mode
             comp.requires_grad_(False)
+    variant = ""
+    if family == "zimage":
+        variant = spec.variant if spec.variant != "auto" else detect_variant(
+            [spec.source, pipe.config.get("_name_or_path")], pipe.scheduler.config.get("shift"))
     model = TurboModel(spec=spec, family=family, pipe=pipe, identity=identity, device=device, nbytes=module_nbytes(pipe),
-                       extras={"stamp": file_stamp(spec)})
-    logger.info("loaded %s (%s, %.1f MB) from %s", defaults_for(family).label, spec.dtype, model.nbytes / 2**20, spec.source)
+                       extras={"stamp": file_stamp(spec)}, variant=variant)
+    logger.info("loaded %s (%s, %.1f MB) from %s", model.defaults.label, spec.dtype, model.nbytes / 2**20, spec.source)
     return model

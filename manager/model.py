@@ -29,6 +29,7 @@ class TurboModel:
     nbytes: int = 0
     loras: tuple = field(default=())  # applied TurboLora objects, for models returned by training
     extras: dict = field(default_factory=dict)
+    variant: str = ""  # Z-Image: turbo, base or deturbo
     #: held by whoever runs the pipeline or changes its adapters: sampling and training never overlap
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
@@ -45,6 +46,13 @@ class TurboModel:
         import hashlib
 
         return f"{os.path.basename(os.path.normpath(spec.source))}#{hashlib.sha256(self.identity.encode()).hexdigest()[:10]}"
+
+    @property
+    def defaults(self):
+        """Sampling defaults of this model: the family's, with the Z-Image variant's steps and guidance."""
+        from .families import model_defaults
+
+        return model_defaults(self.family, self.variant)
 
     @property
     def dtype(self):

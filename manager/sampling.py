@@ -95,7 +95,7 @@ def _check_init(job_size: tuple, init_image, mask, steps: int, denoise: float, t
 
 def _job(model: TurboModel, prompts, seed, steps, width, height, images_per_prompt, sampler, shift, guidance,
          init_image, denoise, mask, max_sequence_length) -> _Job:
-    d = defaults_for(model.family)
+    d = model.defaults
     prompt_list = parse_prompts(prompts)
     steps = d.steps if steps is None else steps
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000:
@@ -116,7 +116,11 @@ def _job(model: TurboModel, prompts, seed, steps, width, height, images_per_prom
     width = d.default_size if width is None else width
     height = d.default_size if height is None else height
     check_size(model.family, width, height)
-    guidance = guidance or Guidance.default_for(model.family)
+    guidance = guidance or Guidance(negative_prompts=("",), scales=(d.guidance,))
+    if all(s == 0 for s in guidance.scales) and (guidance.cfg_normalization or guidance.cfg_truncation < 1):
+        raise InvalidInputError(
+            "cfg_normalization and cfg_truncation act on classifier-free guidance, which is off at guidance scale 0 "
+            f"({d.label}'s default); raise the guidance scale or reset them (0 and 1)")
     n = len(prompt_list)
     return _Job(prompt_list, seed_list(seed, n), steps, width, height, images_per_prompt, sampler, shift, guidance,
                 [guidance.for_prompt(i, n) for i in range(n)], max_sequence_length or d.max_sequence_length,

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 
 from .errors import InvalidInputError, check_choices
+from .families import VARIANTS
 
 FAMILIES = ("auto", "zimage", "sd1")
 DTYPES = ("auto", "fp32", "bf16", "fp16", "fp8_e4m3fn", "fp8_e5m2")
@@ -35,12 +36,15 @@ class ModelSpec:
     text_encoder: str | None = None
     vae: str | None = None
     tokenizer: str | None = None
+    variant: str = "auto"  # Z-Image: auto, turbo, base, deturbo (sets the sampling defaults)
 
     def __post_init__(self) -> None:
         if not isinstance(self.source, str) or not self.source.strip():
             raise InvalidInputError(f"model source must be a non-empty path or repo id, got {self.source!r}")
         check_choices(kind=(self.kind, KINDS), family=(self.family, FAMILIES), dtype=(self.dtype, DTYPES),
-                      offload=(self.offload, OFFLOADS))
+                      offload=(self.offload, OFFLOADS), variant=(self.variant, VARIANTS))
+        if self.variant != "auto" and self.family == "sd1":
+            raise InvalidInputError(f"variant={self.variant!r} is for Z-Image; Stable Diffusion 1.x has none (use 'auto')")
         if self.kind == "split" and (not self.text_encoder or not self.vae):
             raise InvalidInputError(
                 "split-file mode needs three files: diffusion model, text encoder and VAE; "

@@ -63,7 +63,6 @@ class TurboSample:
                guidance=None, lora=None, lora_strength=1.0, lora_file=host.NONE, lora_file_strength=1.0,
                init_image=None, mask=None, denoise=1.0, lora_2=None, lora_2_strength=1.0):
         from ..manager.cache import ensure_loaded
-        from ..manager.families import defaults_for
         from ..manager.sampling import generate
 
         model = ensure_loaded(model)
@@ -74,7 +73,7 @@ class TurboSample:
             model, prompt, seed=int(seed), steps=int(steps) or None, width=int(width) if sized else None,
             height=int(height) if sized else None, images_per_prompt=int(images_per_prompt), sampler=sampler,
             shift=shift or None, guidance=guidance, loras=loras, init_image=init_image, denoise=denoise, mask=mask,
-            on_step=host.Progress(steps or defaults_for(model.family).steps), should_stop=host.interrupted,
+            on_step=host.Progress(steps or model.defaults.steps), should_stop=host.interrupted,
         )
         return (result.images, {"samples": result.latents})
 

@@ -146,9 +146,8 @@ class Engine:
 
     def defaults(self) -> tuple[int, int]:
         """(steps, size) of the loaded family; the tiny model gets 64 px."""
-        from turbobooth.manager.families import defaults_for
 
-        d = defaults_for(self.model.family)
+        d = self.model.defaults
         return d.steps, (64 if self.tiny else d.default_size)
 
     def run_rows(self, key: BatchKey, rows: list[Row], should_stop=None) -> list[bytes]:

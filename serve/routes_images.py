@@ -40,9 +40,8 @@ def batch_key(st, req: GenerationRequest) -> tuple[BatchKey, int]:
         if not valid_name(ref.name):
             raise LimitError("loras", f"LoRA name {ref.name!r} is not a valid name (letters, digits, '.', '_', '-')")
         st.engine.loras.path(ref.name)  # 404 now, not inside the batch
-    from turbobooth.manager.families import defaults_for
 
-    guidance = defaults_for(st.engine.model.family).guidance if req.guidance is None else req.guidance
+    guidance = st.engine.model.defaults.guidance if req.guidance is None else req.guidance
     loras = tuple(sorted((r.name, float(r.strength)) for r in req.loras))
     seed = secrets.randbelow(2**63) if req.seed is None else req.seed
     return BatchKey(width, height, steps, float(guidance), loras), seed

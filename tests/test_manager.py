@@ -414,3 +414,44 @@ def test_wrong_family_files(tiny_files):
     with pytest.raises(WrongFamilyError):
         load_model(ModelSpec(tiny_files["sd1_single_file"], kind="split", text_encoder=split["text_encoder"],
                              vae=split["vae"], tokenizer=split["tokenizer"]))
+
+
+# ---------------------------------------------------------------- Z-Image variants
+
+
+def test_variant_detection_and_defaults(tiny, tmp_path):
+    from turbobooth.manager.families import detect_variant, model_defaults
+
+    assert detect_variant(["Tongyi-MAI/Z-Image-Turbo"], 3.0) == "turbo"
+    assert detect_variant(["/models/diffusers/Z-Image"], 6.0) == "base"
+    assert detect_variant(["ostris/Z-Image-De-Turbo"], 3.0) == "deturbo"
+    assert detect_variant(["/models/my_finetune"], 3.0) == "turbo"  # Turbo's own scheduler shift
+    assert detect_variant(["/models/my_finetune"], 6.0) == "base"
+    assert (model_defaults("zimage", "turbo").steps, model_defaults("zimage", "turbo").guidance) == (8, 0.0)
+    assert (model_defaults("zimage", "base").steps, model_defaults("zimage", "base").guidance) == (50, 5.0)
+    assert model_defaults("sd1", "").steps == 25
+
+    turbo = load_model(ModelSpec(tiny["zimage_diffusers"]))
+    assert turbo.variant == "turbo" and turbo.defaults.steps == 8
+    base = load_model(ModelSpec(tiny["zimage_diffusers"], variant="base"))
+    assert base.variant == "base" and base.defaults.guidance == 5.0 and base.defaults.label == "Z-Image (Base)"
+    calls = []
+    base.pipe.transformer.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
+    generate(base, "a dog", width=32, height=32, steps=None)
+    assert calls == [2] * 50, "Base: 50 steps with CFG (conditional and unconditional rows in each pass)"
+    from turbobooth.trainer.priors import PriorCache
+
+    prior = PriorCache(base, "a photo of a dog", root=str(tmp_path))  # class images at the variant's settings
+    assert (prior.steps, prior.guidance) == (50, 5.0)
+    assert PriorCache(turbo, "a photo of a dog", root=str(tmp_path)).key != prior.key
+    with pytest.raises(InvalidInputError, match="variant"):
+        ModelSpec(tiny["sd1_diffusers"], family="sd1", variant="turbo")
+    with pytest.raises(InvalidInputError, match="variant"):
+        ModelSpec("x", variant="lightning")
+
+
+def test_cfg_settings_without_cfg_are_refused(zmodel):
+    for g in (Guidance(scales=(0.0,), cfg_normalization=1.5), Guidance(scales=(0.0,), cfg_truncation=0.5)):
+        with pytest.raises(InvalidInputError, match="guidance scale 0"):
+            small(zmodel, guidance=g)
+    small(zmodel, guidance=Guidance(scales=(2.0,), cfg_normalization=1.5))  # with CFG on they act

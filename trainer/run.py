@@ -302,7 +302,7 @@ class Run:
             return None
         pipe = self.pipe if self.lora_mode else A.finetuned_pipeline(
             self.pipe, self.denoiser, self.text_encoder if self.train_te else None)
-        d = defaults_for(self.family)
+        d = self.model.defaults
         was_training = [(m, m.training) for m in (self.denoiser, self.text_encoder)]
         swap = bool(cfg.training_adapter)
         try:
