@@ -1,59 +1,71 @@
-"""Training benchmarks: TurboBooth's DreamBooth trainer against a loop built from diffusers' own training parts.
+"""Training benchmarks: TurboBooth's DreamBooth trainer against diffusers' own DreamBooth example scripts,
+and against a loop written in this repo on diffusers' training parts.
 
 Run from the repository root:
 
-    .venv/bin/python benchmarks/bench_training.py [--quick] [--threads N]
+    .venv/bin/python benchmarks/bench_training.py [--quick] [--threads N] [--diffusers-examples PATH]
 
 Everything runs on the randomly initialised tiny models of
-``turbobooth.manager.tiny`` (no downloads), at resolution 64, batch 1, prior
-preservation on (so every step trains one instance and one class image),
-LoRA rank 16 on the family's default target modules, AdamW, fp32.
+``turbobooth.manager.tiny`` (no downloads), on the CPU, fp32, at resolution
+64, batch 1, LoRA rank 16 (alpha 16), lr 1e-4 constant, AdamW, seed 0, with 3
+instance images and 4 class images; prior preservation on unless a line says
+otherwise (then every step trains one instance and one class image).
 
-Training cases, each measured for three variants:
+**Against diffusers' scripts** (``--diffusers-examples PATH``, default
+``$DIFFUSERS_EXAMPLES``: a diffusers checkout, its ``examples`` folder or its
+``examples/dreambooth`` folder). ``train_dreambooth_lora_z_image.py`` and
+``train_dreambooth_lora.py`` (SD1.x) run unchanged as child processes with
+this python, offline (``HF_HUB_OFFLINE=1``), on the tiny models written as
+diffusers folders, with the same settings as the TurboBooth run, which runs
+in a child process of its own: the model loaded from the same folder by
+``trainer.cli.load_pipeline_model``, ``trainer.loop.train`` on the same image
+folders, the LoRA saved with ``manager.lora.save_lora_file``. Both children
+start through the same launcher in this file (``--launch``), which registers
+a global ``torch.optim`` step post-hook, so the step time of either side is
+the time between consecutive optimizer steps, measured the same way, without
+changing the scripts. Peak RSS is the child's own ``VmHWM`` at its end (the
+whole process: interpreter, imports, models, the run). Where a script
+fails with prior preservation on the tiny model (diffusers' Z-Image script
+does), both sides of that comparison run without it and the output says so;
+any other failure prints ``skipped (reason)``.
 
-* ``turbobooth``: :func:`turbobooth.trainer.loop.train` with a
-  :class:`~turbobooth.trainer.config.TrainConfig`; step times come from the
-  ``on_step`` timestamps.
-* ``diffusers_baseline``: a DreamBooth loop written here with the parts
-  diffusers' DreamBooth example scripts use: ``accelerate.Accelerator``,
-  peft ``LoraConfig`` + ``add_adapter`` on the transformer/UNet (or the whole
-  UNet for the full fine-tune), the pipeline's ``encode_prompt`` once up front,
-  ``vae.encode`` once up front (cached latents, as TurboBooth does), a
-  ``DataLoader``, ``torch.optim.AdamW`` and ``diffusers.optimization.get_scheduler``.
-  Z-Image uses ``FlowMatchEulerDiscreteScheduler`` with
-  ``compute_density_for_timestep_sampling`` / ``compute_loss_weighting_for_sd3``
-  (flow matching, negated transformer output); SD1.x uses ``DDPMScheduler``
-  noise and the epsilon loss.
-* ``diffusers_vae_each_step``: the same loop, but the images go through
-  ``vae.encode`` at every step (the scripts' default without latent caching).
+Before the training rounds each script runs once per round with an empty
+class-image folder (``--max_train_steps 2``): that times the script's own
+class-image step (its pipeline calls, at its own settings: the pipeline's
+defaults) and shows whether its prior-preservation path runs.
 
-Step time is the median time between consecutive optimizer steps after the
-first ``--warmup`` steps. ``first_step_s`` is the time from the start of the
-training call (models already built) to the end of step 1, i.e. setup plus one
-step. Each variant runs in its own child process (this script with a hidden
-``--variant`` flag), so ``peak_rss_mib`` is that process's own
-``ru_maxrss``: interpreter, imports, the tiny models and the training run.
-With ``--rounds`` > 1 every variant runs that many times (the order rotates
-per round) and the figures are medians over the rounds.
+**Against an own loop** (in-process cases ``zimage_lora_prior``,
+``sd1_lora_prior``, ``sd1_full_prior``): ``own_loop_on_diffusers_parts`` is a
+DreamBooth loop written in this file from the parts diffusers' scripts use
+(``Accelerator``, peft ``LoraConfig`` + ``add_adapter``, ``encode_prompt``,
+``vae.encode`` once up front, ``DataLoader``, ``AdamW``, ``get_scheduler``;
+Z-Image: flow matching with ``compute_density_for_timestep_sampling`` /
+``compute_loss_weighting_for_sd3``; SD1.x: ``DDPMScheduler``, epsilon loss).
+``own_loop_vae_each_step`` is the same loop encoding the images at every
+step. It is not diffusers' code and its figures are not diffusers' figures.
 
-Prior-image throughput: class images generated the way
-:class:`turbobooth.trainer.priors.PriorCache` makes them (one
-``sampling.generate`` call per image, seed ``seed + i``) against one batched
-``generate`` call with the class prompt repeated (prompt ``i`` uses seed
-``seed + i``, so the images are the same; their largest pixel difference is
-printed).
+**Class images**: :class:`turbobooth.trainer.priors.PriorCache` making N new
+images into an empty folder (batched generation, PNG hashing and atomic
+writes) against a bare pipeline loop at the same settings (batches of
+``priors.CHUNK``, seeds ``seed + i``, the pipeline's own scheduler, PNGs
+saved), and against the scripts' class-image step per image.
 
-The script prints one ``name: value`` line per figure and never judges the
-numbers.
+Every ratio is printed with its median and min-max over the rounds
+(``common.emit_spread``); below 1 means TurboBooth is faster / smaller. The
+script prints one ``name: value`` line per figure and never judges them.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import inspect
 import json
 import logging
 import os
-import resource
+import re
+import runpy
+import shutil
 import statistics
 import subprocess
 import sys
@@ -61,7 +73,7 @@ import tempfile
 import time
 import warnings
 
-from common import emit, set_threads  # benchmarks/common.py (this folder is on sys.path when run as a script)
+from common import emit, emit_spread, set_threads  # benchmarks/common.py (on sys.path when run as a script)
 
 INSTANCE_PROMPT = "a photo of sks dog"
 CLASS_PROMPT = "a photo of a dog"
@@ -69,7 +81,7 @@ RESOLUTION = 64
 RANK = 16
 LR = 1e-4
 SEED = 0
-N_INSTANCE = 4
+N_INSTANCE = 3
 N_CLASS = 4
 RESULT_TAG = "BENCH_TRAINING_RESULT "
 
@@ -78,10 +90,10 @@ CASES = {
     "sd1_lora_prior": ("sd1", "lora"),
     "sd1_full_prior": ("sd1", "full"),
 }
-VARIANTS = ("turbobooth", "diffusers_baseline", "diffusers_vae_each_step")
-KEYS = ("step_s", "step_s_mean", "step_cpu_s", "first_step_s", "peak_rss_mib", "peak_rss_over_imports_mib")
-
-
+VARIANTS = ("turbobooth", "own_loop_on_diffusers_parts", "own_loop_vae_each_step")
+KEYS = ("step_s", "step_cpu_s", "first_step_s", "peak_rss_mib", "peak_rss_over_imports_mib")
+SCRIPTS = {"zimage": "train_dreambooth_lora_z_image.py", "sd1": "train_dreambooth_lora.py"}
+PIPELINES = {"zimage": "ZImagePipeline", "sd1": "StableDiffusionPipeline"}
 # --------------------------------------------------------------------------- output
 
 
@@ -181,11 +193,11 @@ def run_turbobooth(family: str, mode: str, steps: int, workdir: str) -> tuple[li
     return stamps, start
 
 
-# --------------------------------------------------------------------------- variant: diffusers baseline
+# --------------------------------------------------------------------------- variant: own loop on diffusers parts (written here, not diffusers code)
 
 
-def run_baseline(family: str, mode: str, steps: int, encode_each_step: bool) -> tuple[list, tuple]:
-    """A DreamBooth loop with prior preservation made of diffusers' training components."""
+def run_own_loop(family: str, mode: str, steps: int, encode_each_step: bool) -> tuple[list, tuple]:
+    """A DreamBooth loop with prior preservation, written in this file from diffusers' training components."""
     import torch
     import torch.nn.functional as F
     from accelerate import Accelerator
@@ -329,15 +341,25 @@ def run_baseline(family: str, mode: str, steps: int, encode_each_step: bool) -> 
     return stamps, start
 
 
-# --------------------------------------------------------------------------- child process
+# --------------------------------------------------------------------------- in-process cases: child process
+
+
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
 
 
 def current_rss_mib() -> float:
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
+    return _status_mib("VmRSS")
+
+
+def peak_rss_mib() -> float:
+    """This process's peak RSS since its ``exec`` (``VmHWM``). ``ru_maxrss`` is not used: on Linux it also counts
+    the parent's memory that a vfork/fork child shares until it execs, so it would report the parent's size."""
+    return _status_mib("VmHWM")
 
 
 def child(spec: str, steps: int, warmup: int, threads: int) -> None:
@@ -357,29 +379,32 @@ def child(spec: str, steps: int, warmup: int, threads: int) -> None:
         if variant == "turbobooth":
             stamps, start = run_turbobooth(family, mode, steps, workdir)
         else:
-            stamps, start = run_baseline(family, mode, steps, encode_each_step=variant == "diffusers_vae_each_step")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
-    skip = max(0, warmup - 1)
-    wall = [b[0] - a[0] for a, b in zip(stamps, stamps[1:], strict=False)][skip:]
-    cpu = [b[1] - a[1] for a, b in zip(stamps, stamps[1:], strict=False)][skip:]
-    nan = float("nan")
-    result = {
-        "steps": len(stamps),
-        "step_s": statistics.median(wall) if wall else nan,
-        "step_s_mean": statistics.fmean(wall) if wall else nan,
-        "step_cpu_s": statistics.median(cpu) if cpu else nan,
-        "first_step_s": stamps[0][0] - start[0] if stamps else nan,
-        "peak_rss_mib": peak,
-        "peak_rss_over_imports_mib": peak - rss_imports,
-    }
+            stamps, start = run_own_loop(family, mode, steps, encode_each_step=variant == "own_loop_vae_each_step")
+    peak = peak_rss_mib()
+    result = step_stats(stamps, warmup)
+    result["first_step_s"] = stamps[0][0] - start[0] if stamps else float("nan")
+    result["peak_rss_mib"] = peak
+    result["peak_rss_over_imports_mib"] = peak - rss_imports
     print(RESULT_TAG + json.dumps(result), flush=True)
 
 
-def run_child(case: str, variant: str, args) -> dict | str:
+def child_env(threads: int) -> dict:
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        env[var] = str(args.threads)
-    env["TOKENIZERS_PARALLELISM"] = "false"
+        env[var] = str(threads)
+    env.update(
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        TB_BENCH_THREADS=str(threads),
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def run_child(case: str, variant: str, args) -> dict | str:
     cmd = [
         sys.executable,
         os.path.abspath(__file__),
@@ -393,137 +418,661 @@ def run_child(case: str, variant: str, args) -> dict | str:
         str(args.threads),
     ]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(args.threads), timeout=900)
     except subprocess.TimeoutExpired:
         return "timed out after 900 s"
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_TAG):
             return json.loads(line[len(RESULT_TAG) :])
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
-    return tail[0][:300]
+    return failure_reason(proc.stderr or proc.stdout, proc.returncode)
 
 
-def bench_training(args) -> None:
-    results: dict[tuple[str, str], list[dict]] = {(c, v): [] for c in CASES for v in VARIANTS}
+def step_stats(stamps: list, warmup: int) -> dict:
+    """Median wall / CPU time between consecutive optimizer steps, the first ``warmup`` steps left out."""
+    skip = max(0, warmup - 1)
+    wall = [b[0] - a[0] for a, b in zip(stamps, stamps[1:], strict=False)][skip:]
+    cpu = [b[1] - a[1] for a, b in zip(stamps, stamps[1:], strict=False)][skip:]
+    nan = float("nan")
+    return {
+        "steps": len(stamps),
+        "step_s": statistics.median(wall) if wall else nan,
+        "step_cpu_s": statistics.median(cpu) if cpu else nan,
+    }
+
+
+def ratios(num: list, den: list, key: str) -> list:
+    """Per-round ratios ``num[r][key] / den[r][key]`` over the rounds both sides have."""
+    out = []
+    for a, b in zip(num, den, strict=False):
+        if a and b and a.get(key) and b.get(key) and a[key] == a[key] and b[key] == b[key]:
+            out.append(a[key] / b[key])
+    return out
+
+
+def bench_own_loop(args) -> None:
+    rounds: dict[tuple[str, str], list] = {(c, v): [] for c in CASES for v in VARIANTS}  # None for a failed round
     errors: dict[tuple[str, str], str] = {}
     for r in range(args.rounds):
         for case in CASES:
             k = r % len(VARIANTS)
             for variant in VARIANTS[k:] + VARIANTS[:k]:
                 out = run_child(case, variant, args)
-                if isinstance(out, dict):
-                    results[(case, variant)].append(out)
-                else:
+                rounds[(case, variant)].append(out if isinstance(out, dict) else None)
+                if not isinstance(out, dict):
                     errors[(case, variant)] = out
 
     def med(case, variant, key):
-        vals = [r[key] for r in results[(case, variant)]]
+        vals = [r[key] for r in rounds[(case, variant)] if r]
         return statistics.median(vals) if vals else None
 
     for case in CASES:
         for variant in VARIANTS:
-            if (case, variant) in errors and not results[(case, variant)]:
-                emit(f"{case}_error_{variant}", errors[(case, variant)])
+            if not any(rounds[(case, variant)]):
+                emit(f"{case}_{variant}", f"skipped ({errors.get((case, variant), 'no result')})")
                 continue
             for key in KEYS:
                 emit(f"{case}_{key}_{variant}", med(case, variant, key))
-        tb, base, each = (med(case, v, "step_s") for v in VARIANTS)
-        if tb and base:
-            emit(f"{case}_step_time_ratio", tb / base)
-        if tb and each:
-            emit(f"{case}_step_time_ratio_vs_vae_each_step", tb / each)
-        tb, base = (med(case, v, "step_cpu_s") for v in VARIANTS[:2])
-        if tb and base:
-            emit(f"{case}_step_cpu_time_ratio", tb / base)
+        tb = rounds[(case, "turbobooth")]
+        for other in VARIANTS[1:]:
+            base, tag = rounds[(case, other)], f"{case}_turbobooth_vs_{other}"
+            emit_spread(f"{tag}_step_time_ratio", ratios(tb, base, "step_s"))
+            emit_spread(f"{tag}_step_cpu_time_ratio", ratios(tb, base, "step_cpu_s"))
+        base = rounds[(case, VARIANTS[1])]
         for key in ("peak_rss_mib", "peak_rss_over_imports_mib"):
-            tb, base = (med(case, v, key) for v in VARIANTS[:2])
-            if tb and base:
-                emit(f"{case}_{key.replace('_mib', '')}_ratio", tb / base)
+            emit_spread(f"{case}_turbobooth_vs_{VARIANTS[1]}_{key.replace('_mib', '')}_ratio", ratios(tb, base, key))
 
 
-# --------------------------------------------------------------------------- prior-image throughput
+# --------------------------------------------------------------------------- launcher (both sides of the scripts' comparison)
 
 
-def bench_priors(args) -> None:
+def launch(out_path: str, target: str, argv: list) -> None:
+    """Run ``target`` (a diffusers example script, or ``turbobooth`` with a JSON config) in this process, recording
+    every optimizer step and every pipeline call; write the record to ``out_path`` however the run ends."""
+    record: dict = {"t0": time.perf_counter(), "stamps": [], "calls": [], "error": None}
+    try:
+        import torch
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        set_threads(int(os.environ.get("TB_BENCH_THREADS", "1")))
+        register_optimizer_step_post_hook(lambda _opt, _a, _k: record["stamps"].append(now()))
+        time_pipeline_calls(record["calls"])
+        if target == "turbobooth":
+            run_turbobooth_cli(json.loads(argv[0]))
+        else:
+            sys.argv = [target, *argv]
+            sys.path.insert(0, os.path.dirname(os.path.abspath(target)))
+            runpy.run_path(target, run_name="__main__")
+        del torch
+    except SystemExit as e:
+        if e.code not in (None, 0):
+            record["error"] = f"exit status {e.code}"
+        raise
+    except BaseException as e:
+        record["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        raise
+    finally:
+        record["peak_rss_mib"] = peak_rss_mib()
+        with open(out_path, "w", encoding="utf-8") as f:
+            json.dump(record, f)
+
+
+def time_pipeline_calls(calls: list) -> None:
+    """Wrap the two pipelines' ``__call__`` to record each call's time, image count, size, steps and guidance."""
+    import diffusers
+
+    for name in PIPELINES.values():
+        cls = getattr(diffusers, name)
+        orig = cls.__call__
+        sig = inspect.signature(orig)
+
+        @functools.wraps(orig)
+        def timed(self, *a, _orig=orig, _sig=sig, _name=name, **k):
+            start = time.perf_counter()
+            out = _orig(self, *a, **k)
+            end = time.perf_counter()
+            try:
+                bound = _sig.bind(self, *a, **k)
+                bound.apply_defaults()
+                p = bound.arguments
+            except TypeError:
+                p = {}
+            images = getattr(out, "images", None)
+            if images is None and isinstance(out, tuple):
+                images = out[0]
+            size = getattr(images[0], "size", None) if images is not None and len(images) else None
+            calls.append(
+                {
+                    "pipeline": _name,
+                    "start": start,
+                    "end": end,
+                    "images": len(images) if images is not None else 0,
+                    "size": list(size) if size else None,
+                    "steps": p.get("num_inference_steps"),
+                    "guidance": p.get("guidance_scale"),
+                }
+            )
+            return out
+
+        cls.__call__ = timed
+
+
+def run_turbobooth_cli(spec: dict) -> None:
+    """TurboBooth as its command line runs it: load the folder, train on image folders, save the LoRA."""
+    from turbobooth.manager.lora import save_lora_file
+    from turbobooth.trainer.cli import load_pipeline_model
+    from turbobooth.trainer.config import TrainConfig
+    from turbobooth.trainer.loop import train
+
+    quiet()
+    prior = spec["class_dir"] is not None
+    config = TrainConfig(
+        family=spec["family"],
+        instance_prompt=INSTANCE_PROMPT,
+        class_prompt=CLASS_PROMPT if prior else "",
+        with_prior_preservation=prior,
+        num_class_images=N_CLASS,
+        resolution=RESOLUTION,
+        train_mode="lora",
+        rank=RANK,
+        steps=spec["steps"],
+        lr=LR,
+        batch_size=1,
+        seed=SEED,
+        output_dir=spec["output_dir"],
+        log_tensorboard=spec["log_tensorboard"],
+    )
+    model = load_pipeline_model(spec["model"], spec["family"], None, "cpu")
+    result = train(model, config, spec["instance_dir"], class_images=spec["class_dir"])
+    save_lora_file(result.lora, os.path.join(spec["output_dir"], "lora.safetensors"))
+
+
+def failure_reason(text: str, returncode) -> str:
+    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if re.match(r"^[\w.]*(Error|Exception|Interrupt|Exit)\b", ln):
+            return ln[:300]
+    return (lines[-1] if lines else f"exit status {returncode}")[:300]
+
+
+def spawn(target: str, argv: list, workdir: str, tag: str, args) -> dict:
+    """Run the launcher in a child; its record (optimizer-step stamps, pipeline calls, peak RSS, error)."""
+    out, log = os.path.join(workdir, f"{tag}.json"), os.path.join(workdir, f"{tag}.log")
+    cmd = [sys.executable, os.path.abspath(__file__), "--launch", out, target, *argv]
+    timed_out = False
+    with open(log, "w", encoding="utf-8") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=child_env(args.threads), cwd=workdir)
+        try:
+            proc.wait(timeout=args.child_timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            timed_out = True
+    try:
+        with open(out, encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        record = {"t0": 0.0, "stamps": [], "calls": [], "error": None}
+    with open(log, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    if timed_out:
+        record["error"] = f"timed out after {args.child_timeout} s"
+    elif proc.returncode != 0:
+        record["error"] = failure_reason(text, proc.returncode) if not record.get("error") else record["error"]
+    record.setdefault("peak_rss_mib", float("nan"))
+    record.update(step_stats(record["stamps"], args.warmup))
+    first = record["stamps"][0][0] - record["t0"] if record["stamps"] else float("nan")
+    record["to_first_step_s"] = first
+    return record
+
+
+# --------------------------------------------------------------------------- against diffusers' example scripts
+
+
+def find_examples(path: str | None) -> str | None:
+    """The folder holding diffusers' DreamBooth scripts: ``path`` itself, ``path/dreambooth`` or
+    ``path/examples/dreambooth``."""
+    if not path:
+        return None
+    for folder in (os.path.join(path, "examples", "dreambooth"), os.path.join(path, "dreambooth"), path):
+        if any(os.path.isfile(os.path.join(folder, s)) for s in SCRIPTS.values()):
+            return os.path.abspath(folder)
+    return None
+
+
+def checkout_commit(folder: str) -> str:
+    try:
+        out = subprocess.run(
+            ["git", "-C", folder, "log", "-1", "--format=%H %cs"], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (no git)"
+    return out.stdout.strip() or "unknown (not a git checkout)"
+
+
+def tracker_choice() -> tuple[str, bool] | None:
+    """(``--report_to`` for the scripts, ``log_tensorboard`` for TurboBooth): the same logging on both sides."""
+    import importlib.util
+
+    from accelerate.tracking import get_available_trackers
+
+    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+        return "tensorboard", True
+    if not get_available_trackers():
+        return "all", False  # "all" of no installed tracker: no logging, the same as log_tensorboard=False
+    return None
+
+
+def script_argv(
+    family: str,
+    model: str,
+    instance_dir: str,
+    class_dir: str | None,
+    n_class: int,
+    steps: int,
+    output_dir: str,
+    report_to: str,
+) -> list:
+    """The scripts' flags for the TurboBooth run's settings."""
+    argv = [
+        "--pretrained_model_name_or_path",
+        model,
+        "--instance_data_dir",
+        instance_dir,
+        "--instance_prompt",
+        INSTANCE_PROMPT,
+        "--output_dir",
+        output_dir,
+        "--resolution",
+        str(RESOLUTION),
+        "--center_crop",
+        "--train_batch_size",
+        "1",
+        "--rank",
+        str(RANK),
+        "--learning_rate",
+        str(LR),
+        "--lr_scheduler",
+        "constant",
+        "--lr_warmup_steps",
+        "0",
+        "--max_train_steps",
+        str(steps),
+        "--checkpointing_steps",
+        "100000000",
+        "--seed",
+        str(SEED),
+        "--mixed_precision",
+        "no",
+        "--adam_weight_decay",
+        "1e-4",
+        "--max_grad_norm",
+        "1.0",
+        "--report_to",
+        report_to,
+    ]
+    if class_dir is not None:
+        argv += [
+            "--with_prior_preservation",
+            "--prior_loss_weight",
+            "1.0",
+            "--class_data_dir",
+            class_dir,
+            "--class_prompt",
+            CLASS_PROMPT,
+            "--num_class_images",
+            str(n_class),
+            "--sample_batch_size",
+            str(min(4, n_class)),
+            "--prior_generation_precision",
+            "fp32",
+        ]
+    if family == "zimage":  # latents cached as TurboBooth does; LoRA on TurboBooth's targets; no final inference
+        argv += [
+            "--lora_alpha",
+            str(RANK),
+            "--lora_layers",
+            ",".join(lora_targets(family)),
+            "--cache_latents",
+            "--skip_final_inference",
+        ]
+    else:  # alpha = rank and the attention projections are fixed in this script; it has no latent cache
+        argv += ["--pre_compute_text_embeddings"]
+    return argv
+
+
+def write_inputs(work: str) -> dict:
+    """Tiny diffusers folders, a folder of instance PNGs and, per family, a plain folder of PriorCache's class PNGs."""
+    from turbobooth.manager.tiny import write_tiny_models
+    from turbobooth.trainer import priors
+
+    paths = write_tiny_models(os.path.join(work, "models"), seed=SEED, formats=("diffusers",))
+    inputs = {"instance_dir": os.path.join(work, "instance")}
+    os.makedirs(inputs["instance_dir"])
+    for i, im in enumerate(synthetic_images(N_INSTANCE, 1)):
+        im.save(os.path.join(inputs["instance_dir"], f"{i}.png"))
+    for family in SCRIPTS:
+        inputs[f"{family}_model"] = paths[f"{family}_diffusers"]
+        folder = inputs[f"{family}_class_dir"] = os.path.join(work, f"class_{family}")
+        os.makedirs(folder)
+        cache = priors.PriorCache(
+            tiny_model(family),
+            CLASS_PROMPT,
+            seed=SEED,
+            width=RESOLUTION,
+            height=RESOLUTION,
+            root=os.path.join(work, "prior_cache"),
+        )
+        for path in cache.ensure(N_CLASS):
+            shutil.copy(path, folder)  # only the images: the scripts count every file in the folder
+    return inputs
+
+
+def bench_scripts(args, class_step: dict) -> None:
+    examples = find_examples(args.diffusers_examples)
+    if examples is None:
+        why = (
+            "no --diffusers-examples / DIFFUSERS_EXAMPLES"
+            if not args.diffusers_examples
+            else (f"no DreamBooth scripts under {args.diffusers_examples}")
+        )
+        emit("diffusers_scripts", f"skipped ({why})")
+        return
+    tracking = tracker_choice()
+    if tracking is None:
+        emit(
+            "diffusers_scripts",
+            "skipped (an experiment tracker other than tensorboard is installed; install "
+            "tensorboard so that both sides log the same way)",
+        )
+        return
+    report_to, log_tb = tracking
+    import diffusers
+
+    emit("diffusers_scripts", examples)
+    emit("diffusers_scripts_commit", checkout_commit(examples))
+    emit("diffusers_version", diffusers.__version__)
+    emit("diffusers_scripts_report_to", f"{report_to} (TurboBooth log_tensorboard={log_tb})")
+    work = tempfile.mkdtemp(prefix="tb-bench-scripts-")
+    try:
+        inputs = write_inputs(work)
+        sides = ("turbobooth", "diffusers_script")
+        runs: dict = {(f, s): [] for f in SCRIPTS for s in sides}
+        state = {f: {"prior": True, "note": "on", "skip": None} for f in SCRIPTS}
+        for family, name in SCRIPTS.items():
+            if not os.path.isfile(os.path.join(examples, name)):
+                state[family]["skip"] = f"{name} not found in {examples}"
+        n = 0
+        for r in range(args.rounds):
+            for family, name in SCRIPTS.items():
+                st = state[family]
+                if st["skip"]:
+                    continue
+                try:
+                    n = script_round(
+                        args,
+                        family,
+                        os.path.join(examples, name),
+                        inputs,
+                        work,
+                        report_to,
+                        log_tb,
+                        st,
+                        runs,
+                        class_step,
+                        r,
+                        n,
+                    )
+                except Exception as e:  # the bench reports, it does not crash
+                    st["skip"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        for family in SCRIPTS:
+            st = state[family]
+            if st["skip"]:
+                emit(f"{family}_diffusers_script", f"skipped ({st['skip']})")
+                continue
+            emit(f"{family}_diffusers_script", SCRIPTS[family])
+            emit(f"{family}_script_comparison_prior_preservation", st["note"])
+            if family == "sd1":
+                emit(
+                    "sd1_script_comparison_note",
+                    "train_dreambooth_lora.py has no latent cache: it runs vae.encode "
+                    "at every step, TurboBooth encodes once; it also reloads the pipeline after saving the LoRA",
+                )
+            for side in sides:
+                recs = [x for x in runs[(family, side)] if x]
+                if not recs:
+                    emit(f"{family}_script_comparison_{side}", f"skipped ({st.get('errors', {}).get(side)})")
+                    continue
+                for key in ("step_s", "step_cpu_s", "to_first_step_s", "peak_rss_mib"):
+                    emit(f"{family}_script_comparison_{key}_{side}", statistics.median(x[key] for x in recs))
+            tb, sc = runs[(family, "turbobooth")], runs[(family, "diffusers_script")]
+            if any(tb) and any(sc):
+                tag = f"{family}_turbobooth_vs_diffusers_script"
+                emit_spread(f"{tag}_step_time_ratio", ratios(tb, sc, "step_s"))
+                emit_spread(f"{tag}_step_cpu_time_ratio", ratios(tb, sc, "step_cpu_s"))
+                emit_spread(f"{tag}_peak_rss_ratio", ratios(tb, sc, "peak_rss_mib"))
+                emit_spread(f"{tag}_to_first_step_ratio", ratios(tb, sc, "to_first_step_s"))
+    finally:
+        if args.keep_work:
+            emit("diffusers_scripts_workdir", work)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def script_round(args, family, script, inputs, work, report_to, log_tb, st, runs, class_step, r, n) -> int:
+    """One round for one family: the script's class-image step, then TurboBooth and the script, alternating."""
+    sides = ("turbobooth", "diffusers_script")
+    # the script's own class-image step (empty class folder), and whether its prior path runs
+    n += 1
+    n_probe = args.script_class_images[family]
+    probe_dir = os.path.join(work, f"probe_{n}")
+    argv = script_argv(
+        family,
+        inputs[f"{family}_model"],
+        inputs["instance_dir"],
+        os.path.join(probe_dir, "class"),
+        n_probe,
+        2,
+        probe_dir,
+        report_to,
+    )
+    probe = spawn(script, argv, work, f"probe_{n}", args)
+    calls = [c for c in probe["calls"] if c["images"]]
+    if calls:
+        class_step.setdefault(family, []).append(
+            {
+                "s_per_image": sum(c["end"] - c["start"] for c in calls) / sum(c["images"] for c in calls),
+                "settings": {k: calls[0][k] for k in ("size", "steps", "guidance")},
+                "images": sum(c["images"] for c in calls),
+            }
+        )
+    if probe["error"] and st["prior"]:
+        st["prior"] = False
+        where = "after its class-image step" if calls else "before any class image"
+        st["note"] = (
+            f"off (diffusers' script fails with prior preservation on the tiny model, {where}: "
+            f"{probe['error']}); both sides of this comparison run without it"
+        )
+    # the training comparison, order alternating per round
+    order = sides if r % 2 == 0 else sides[::-1]
+    for side in order:
+        n += 1
+        out_dir = os.path.join(work, f"out_{n}")
+        class_dir = inputs[f"{family}_class_dir"] if st["prior"] else None
+        if side == "turbobooth":
+            spec = {
+                "family": family,
+                "model": inputs[f"{family}_model"],
+                "steps": args.steps,
+                "instance_dir": inputs["instance_dir"],
+                "class_dir": class_dir,
+                "output_dir": out_dir,
+                "log_tensorboard": log_tb,
+            }
+            rec = spawn("turbobooth", [json.dumps(spec)], work, f"run_{n}", args)
+        else:
+            argv = script_argv(
+                family,
+                inputs[f"{family}_model"],
+                inputs["instance_dir"],
+                class_dir,
+                N_CLASS,
+                args.steps,
+                out_dir,
+                report_to,
+            )
+            rec = spawn(script, argv, work, f"run_{n}", args)
+        if rec["error"] or rec["steps"] < args.steps:
+            runs[(family, side)].append(None)
+            st.setdefault("errors", {})[side] = rec["error"] or f"only {rec['steps']} steps"
+        else:
+            runs[(family, side)].append(rec)
+    return n
+
+
+# --------------------------------------------------------------------------- class images
+
+
+def bare_pipeline_loop(pipe, family: str, count: int, steps: int, guidance: float, folder: str) -> None:
+    """The pipeline called in batches of ``priors.CHUNK``, seeds ``SEED + i``, PNGs saved: the same work as
+    PriorCache without its cache."""
     import torch
-    from turbobooth.manager import sampling
+    from turbobooth.trainer import priors
+
+    os.makedirs(folder, exist_ok=True)
+    for first in range(0, count, priors.CHUNK):
+        n = min(priors.CHUNK, count - first)
+        gens = [torch.Generator("cpu").manual_seed(SEED + first + i) for i in range(n)]
+        kwargs = {"max_sequence_length": 512} if family == "zimage" else {"negative_prompt": [""] * n}
+        images = pipe(
+            prompt=[CLASS_PROMPT] * n,
+            height=RESOLUTION,
+            width=RESOLUTION,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=gens,
+            **kwargs,
+        ).images
+        for i, im in enumerate(images):
+            im.save(os.path.join(folder, f"{first + i:05d}.png"))
+
+
+def bench_priors(args, class_step: dict) -> None:
     from turbobooth.trainer import priors
 
     count = args.prior_images
-    for family in ("zimage", "sd1"):
+    for family in SCRIPTS:
         model = tiny_model(family)
-        cache = priors.PriorCache(
-            model, CLASS_PROMPT, seed=SEED, width=RESOLUTION, height=RESOLUTION, root=tempfile.gettempdir()
+        base = tempfile.mkdtemp(prefix="tb-bench-priors-")
+        try:
+            n = [0]
+
+            def ours(model=model, base=base, n=n):
+                n[0] += 1
+                cache = priors.PriorCache(
+                    model,
+                    CLASS_PROMPT,
+                    seed=SEED,
+                    width=RESOLUTION,
+                    height=RESOLUTION,
+                    root=os.path.join(base, f"ours_{n[0]}"),
+                )
+                cache.ensure(count)
+                return cache
+
+            cache = ours()  # warm-up; its settings are the family's class-image defaults
+            steps, guidance = cache.steps, cache.guidance
+
+            def bare(model=model, base=base, n=n, family=family, steps=steps, guidance=guidance):
+                n[0] += 1
+                bare_pipeline_loop(model.pipe, family, count, steps, guidance, os.path.join(base, f"bare_{n[0]}"))
+
+            bare()
+            times: dict[str, list[float]] = {"turbobooth": [], "bare": []}
+            fns = {"turbobooth": ours, "bare": bare}
+            names = list(fns)
+            for r in range(args.prior_rounds):
+                for name in names[r % 2 :] + names[: r % 2]:
+                    start = time.perf_counter()
+                    fns[name]()
+                    times[name].append(time.perf_counter() - start)
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+        emit(
+            f"prior_{family}_settings",
+            f"{count} images, {RESOLUTION}x{RESOLUTION}, {steps} steps, guidance {guidance}, batches of {priors.CHUNK}",
         )
-
-        def one_at_a_time(cache=cache):
-            out = []
-            for i in range(count):
-                with torch.random.fork_rng(devices=[]):
-                    result = sampling.generate(
-                        cache.model,
-                        [cache.class_prompt],
-                        seed=cache.seed + i,
-                        steps=cache.steps,
-                        width=cache.width,
-                        height=cache.height,
-                        guidance=sampling.Guidance(negative_prompts=("",), scales=(cache.guidance,)),
-                    )
-                out.append(priors._tensor_to_pil(result.images[0]))
-            return out
-
-        def batched(cache=cache):  # what PriorCache does: fixed batches of priors.CHUNK images
-            chunks = (count + priors.CHUNK - 1) // priors.CHUNK
-            return [im for c in range(chunks) for im in cache.generate_chunk(c)][:count]
-
-        variants = {"one_at_a_time": one_at_a_time, "batched": batched}
-        outputs = {name: fn() for name, fn in variants.items()}  # warm-up
-        times: dict[str, list[float]] = {name: [] for name in variants}
-        names = list(variants)
-        for r in range(args.prior_rounds):
-            for name in names[r % 2 :] + names[: r % 2]:
-                start = time.perf_counter()
-                outputs[name] = variants[name]()
-                times[name].append(time.perf_counter() - start)
-        import numpy as np
-
-        diff = max(
-            int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max())
-            for a, b in zip(outputs["batched"], outputs["one_at_a_time"], strict=True)
+        for name, ts in times.items():
+            emit(f"prior_{family}_s_per_image_{name}", statistics.median(ts) / count)
+        emit_spread(
+            f"prior_{family}_turbobooth_vs_bare_pipeline_loop_time_ratio",
+            [a / b for a, b in zip(times["turbobooth"], times["bare"], strict=True)],
         )
-        ips = {name: count / statistics.median(ts) for name, ts in times.items()}
-        emit(f"prior_{family}_images", count)
-        emit(f"prior_{family}_steps", cache.steps)
-        emit(f"prior_{family}_guidance", cache.guidance)
-        emit(f"prior_{family}_images_per_s_one_at_a_time", ips["one_at_a_time"])
-        emit(f"prior_{family}_images_per_s_batched", ips["batched"])
-        emit(f"prior_{family}_batched_speedup", ips["batched"] / ips["one_at_a_time"])
-        emit(f"prior_{family}_batched_max_abs_pixel_diff", diff)
+        script = class_step.get(family)
+        if not script:
+            emit(
+                f"prior_{family}_vs_diffusers_script_class_step",
+                "skipped (the script's class-image step did not run: see the diffusers_scripts lines)",
+            )
+            continue
+        s = script[0]["settings"]
+        emit(
+            f"prior_{family}_diffusers_script_class_step_settings",
+            f"{script[0]['images']} images, {s['size'][0]}x{s['size'][1]}, {s['steps']} steps, guidance "
+            f"{s['guidance']} (the pipeline's defaults: the script passes only the prompt)",
+        )
+        emit(f"prior_{family}_s_per_image_diffusers_script", statistics.median(x["s_per_image"] for x in script))
+        ours_per_image = [t / count for t in times["turbobooth"]]
+        emit_spread(
+            f"prior_{family}_turbobooth_vs_diffusers_script_s_per_image_ratio",
+            [a / b["s_per_image"] for a, b in zip(ours_per_image, script, strict=False)],
+        )
 
 
 # --------------------------------------------------------------------------- main
 
 
 def main() -> None:
+    if len(sys.argv) > 3 and sys.argv[1] == "--launch":
+        launch(sys.argv[2], sys.argv[3], sys.argv[4:])
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer steps, one round, fewer prior images")
+    parser.add_argument("--quick", action="store_true", help="fewer steps and rounds, fewer class images")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads in every process (default 1)")
     parser.add_argument("--steps", type=int, default=None, help="training steps per run (default 60; --quick 25)")
     parser.add_argument(
         "--warmup", type=int, default=None, help="steps left out of the step time (default 10; --quick 5)"
     )
-    parser.add_argument("--rounds", type=int, default=None, help="runs per variant (default 3; --quick 1)")
+    parser.add_argument("--rounds", type=int, default=None, help="runs per variant (default 3; --quick 2)")
     parser.add_argument("--prior-images", type=int, default=None, help="class images per timing (default 8; --quick 4)")
     parser.add_argument("--prior-rounds", type=int, default=None, help="timed rounds (default 5; --quick 3)")
-    parser.add_argument("--skip-priors", action="store_true", help="only the training figures")
+    parser.add_argument(
+        "--diffusers-examples",
+        default=os.environ.get("DIFFUSERS_EXAMPLES"),
+        help="a diffusers checkout (or its examples/dreambooth folder) whose DreamBooth scripts to "
+        "compare with (default $DIFFUSERS_EXAMPLES)",
+    )
+    parser.add_argument(
+        "--script-class-images",
+        type=int,
+        default=None,
+        help="class images the Z-Image script makes in its class-image step, at its 1024x1024 "
+        "50-step defaults (default 4; --quick 1; SD1.x always 4)",
+    )
+    parser.add_argument("--child-timeout", type=int, default=900, help="seconds per child process (default 900)")
+    parser.add_argument("--skip-own-loop", action="store_true", help="leave out the in-process own-loop cases")
+    parser.add_argument("--skip-scripts", action="store_true", help="leave out diffusers' scripts")
+    parser.add_argument("--skip-priors", action="store_true", help="leave out the class-image timings")
+    parser.add_argument("--keep-work", action="store_true", help="keep the scripts' work folder (logs, outputs)")
     parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     q = args.quick
     args.steps = args.steps or (25 if q else 60)
     args.warmup = args.warmup if args.warmup is not None else (5 if q else 10)
-    args.rounds = args.rounds or (1 if q else 3)
+    args.rounds = args.rounds or (2 if q else 3)
     args.prior_images = args.prior_images or (4 if q else 8)
     args.prior_rounds = args.prior_rounds or (3 if q else 5)
+    zimage_class = args.script_class_images or (1 if q else N_CLASS)
+    args.script_class_images = {"zimage": zimage_class, "sd1": N_CLASS}
 
     if args.variant:
         child(args.variant, args.steps, args.warmup, args.threads)
@@ -538,13 +1087,24 @@ def main() -> None:
     emit("device", "cpu")
     emit("resolution", RESOLUTION)
     emit("lora_rank", RANK)
+    emit("instance_images", N_INSTANCE)
+    emit("class_images", N_CLASS)
     emit("train_steps", args.steps)
     emit("warmup_steps", args.warmup)
     emit("rounds", args.rounds)
     start = time.perf_counter()
-    bench_training(args)
-    if not args.skip_priors:
-        bench_priors(args)
+    class_step: dict = {}
+    if not args.skip_own_loop:
+        bench_own_loop(args)
+    for skip, name, fn in (
+        (args.skip_scripts, "diffusers_scripts", bench_scripts),
+        (args.skip_priors, "prior", bench_priors),
+    ):
+        if not skip:
+            try:
+                fn(args, class_step)
+            except Exception as e:  # the bench reports, it does not crash
+                emit(name, f"skipped ({type(e).__name__}: {e})".splitlines()[0][:300])
     emit("total_s", time.perf_counter() - start)
 
 
