@@ -114,6 +114,19 @@ def _adapter_modules(root, name: str) -> int:
     return sum(1 for _, m in root.named_modules() if name in (getattr(m, "lora_A", None) or {}))
 
 
+def _upcast_8_bit(model, adapter_name: str) -> None:
+    """LoRA layers are created in their base layer's dtype; over an 8-bit base (fp8 storage) they would hold
+    8-bit weights that CPUs cannot multiply, so they get the compute dtype."""
+    import torch
+
+    compute = torch.bfloat16 if str(model.device).startswith("cuda") else torch.float32
+    for _, module in model.denoiser.named_modules():
+        for part in ("lora_A", "lora_B"):
+            layers = getattr(module, part, None)
+            if layers is not None and adapter_name in layers and layers[adapter_name].weight.dtype.itemsize == 1:
+                layers[adapter_name].to(compute)
+
+
 def attach(model, lora: TurboLora, adapter_name: str) -> None:
     """Load ``lora`` into ``model``'s pipeline as the adapter ``adapter_name`` (diffusers' ``load_lora_weights``).
 
@@ -132,6 +145,7 @@ def attach(model, lora: TurboLora, adapter_name: str) -> None:
             f"this LoRA does not fit the loaded model ({str(e)[:300]}); it was probably trained for another model "
             "size or family"
         ) from e
+    _upcast_8_bit(model, adapter_name)
     found = _adapter_modules(model.denoiser, adapter_name) + _adapter_modules(getattr(pipe, "text_encoder", None),
                                                                              adapter_name)
     expected = len(lora.down_keys)

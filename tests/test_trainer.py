@@ -661,3 +661,28 @@ def test_ema_lora_resumes_exactly_and_differs_from_the_trained_one(zmodel, tmp_p
     for bad in (1.0, -0.5, 1.5, float("nan")):
         with pytest.raises(InvalidInputError, match="ema_decay"):
             _cfg(tmp_path, ema_decay=bad)
+
+
+def test_lora_on_an_8_bit_base_lowers_the_loss_and_loads_in_diffusers(tmp_path):
+    """The frozen base stored in fp8 (diffusers' layerwise casting, upcast per layer) trains a full-precision
+    LoRA through backward; the base's 8-bit weights stay as they were."""
+    from turbobooth.manager.loading import load_model
+    from turbobooth.manager.tiny import write_tiny_models
+
+    folder = write_tiny_models(str(tmp_path / "tiny"), formats=("diffusers",))["zimage_diffusers"]
+    model = load_model(ModelSpec(folder, dtype="fp8_e4m3fn"))
+    block = model.denoiser.get_submodule("layers.0.attention.to_q")
+    assert block.weight.dtype == torch.float8_e4m3fn
+    before = _state(model.denoiser)
+    images = _squares(RED)
+    base_loss = _eval_loss(model, images, "a photo of sks dog")
+    result = loop.train(model, _cfg(tmp_path, steps=25, lr=1e-2), images)
+    assert all(v.dtype == torch.float32 for k, v in result.lora.tensors.items() if "lora" in k)
+    assert _same_state(before, model.denoiser) and block.weight.dtype == torch.float8_e4m3fn
+    with L.applied(model, [(result.lora, 1.0)]):
+        trained_loss = _eval_loss(model, images, "a photo of sks dog")
+    assert trained_loss < base_loss * 0.98, (base_loss, trained_loss)
+    path = L.save_lora_file(result.lora, str(tmp_path / "fp8_lora.safetensors"))
+    fresh = load_model(ModelSpec(folder))
+    fresh.pipe.load_lora_weights(path, adapter_name="check")  # diffusers' own loader reads the file
+    assert any("check" in n for n, _ in fresh.denoiser.named_parameters())

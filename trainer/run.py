@@ -170,8 +170,9 @@ class Run:
         from diffusers.training_utils import cast_training_params
 
         cfg, acc = self.config, self.accelerator
-        if self.lora_mode and acc.mixed_precision == "fp16":
-            cast_training_params(self.trained, dtype=torch.float32)  # fp16 grad scaling needs fp32 LoRA weights
+        eight_bit = any(p.dtype.itemsize == 1 for p in self.denoiser.parameters() if p.requires_grad)
+        if self.lora_mode and (acc.mixed_precision == "fp16" or eight_bit):  # fp16 grad scaling, 8-bit base
+            cast_training_params(self.trained, dtype=torch.float32)  # the LoRA (and its optimizer state) in fp32
         params = [p for p in self.denoiser.parameters() if p.requires_grad]
         te_params = [p for p in self.text_encoder.parameters() if p.requires_grad] if self.train_te else []
         if not params:
