@@ -13,7 +13,9 @@ import os
 import warnings
 from contextlib import contextmanager
 
-from ..manager.errors import InvalidInputError, WrongFamilyError
+from ..manager.errors import InvalidInputError, WrongFamilyError, get_logger
+
+logger = get_logger(__name__)
 
 ADAPTER = "turbobooth_lora"
 # Not a substring of ADAPTER: peft selects an adapter's keys by substring.
@@ -196,3 +198,17 @@ def finetuned_model(base, pipe, meta: dict):
 
 def no_trainable(config) -> InvalidInputError:
     return InvalidInputError(f"no trainable parameters: none of {config.targets} exist in the denoiser")
+
+
+_warned_turbo = False
+
+
+def warn_turbo(family: str, config) -> None:
+    """Once per process: training straight on Z-Image-Turbo erodes its few-step quality."""
+    global _warned_turbo
+    if family == "zimage" and not config.training_adapter and not _warned_turbo:
+        _warned_turbo = True
+        logger.warning(
+            "training a LoRA directly on Z-Image-Turbo erodes its few-step quality; set training_adapter to a "
+            "de-distillation LoRA, or train on a de-turbo/base checkpoint"
+        )

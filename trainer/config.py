@@ -22,6 +22,7 @@ from ..manager.families import FAMILIES
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")  # auto: bf16 where the device has it, else fp32
 LR_SCHEDULERS = ("constant", "cosine", "linear")
 TRAIN_MODES = ("lora", "full")
+MEMORY_CHOICES = ("auto", "none", "fast", "bf16_checkpointed", "fp8_checkpointed")  # trainer.memory.PLANS
 TIMESTEP_SAMPLING = ("uniform", "logit_normal", "shifted")
 OPTIMIZERS = ("adamw", "adamw8bit")
 # Fields that do not change the training trajectory; a checkpoint made with other values still resumes.
@@ -42,6 +43,8 @@ _NON_TRAJECTORY = frozenset(
         "class_data_dir",
         "log_tensorboard",
         "min_free_disk_gb",
+        "memory",  # a plan's options (optimizer, checkpointing) are fingerprinted themselves, once resolved
+        "offload_encoders",
     }
 )
 
@@ -80,6 +83,8 @@ class TrainConfig:
     dop_every: int = 1  # run the DOP passes every k steps
     dop_class: str = ""  # the class word that replaces the trigger in DOP prompts, e.g. "dog"
     ema_decay: float = 0.0  # an EMA of the LoRA weights on the CPU, e.g. 0.999 (0 = off)
+    memory: str = "auto"  # a memory plan (trainer.memory.PLANS), "auto" (fits the card's free memory) or "none"
+    offload_encoders: bool = False  # the VAE and text encoder off the GPU once latents/embeddings are cached
     train_mode: str = "lora"
     rank: int = 16
     alpha: float | None = None  # None = rank
@@ -296,7 +301,7 @@ def _check_choices(cfg: TrainConfig) -> None:  # noqa: C901 - a flat list of che
     """Allowed names, combinations that make sense, prompts and paths."""
     check_choices(mixed_precision=(cfg.mixed_precision, MIXED_PRECISION), lr_scheduler=(cfg.lr_scheduler, LR_SCHEDULERS),
                   train_mode=(cfg.train_mode, TRAIN_MODES), optimizer=(cfg.optimizer, OPTIMIZERS),
-                  timestep_sampling=(cfg.timestep_sampling, TIMESTEP_SAMPLING))
+                  timestep_sampling=(cfg.timestep_sampling, TIMESTEP_SAMPLING), memory=(cfg.memory, MEMORY_CHOICES))
     if cfg.timestep_sampling != "uniform" and cfg.family != "zimage":
         raise _err(f"timestep_sampling={cfg.timestep_sampling!r} is for Z-Image's flow matching; SD1.x samples "
                    "its DDPM timesteps uniformly (leave it 'uniform')")

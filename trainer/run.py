@@ -21,13 +21,13 @@ from ..manager.errors import InvalidInputError, WrongFamilyError, get_logger
 from ..manager.families import defaults_for
 from . import adapters as A
 from . import ema as E
+from . import memory as M
 from . import state as S
 from .config import TrainConfig
 from .objective import SEED_SPACE, _Objective, assemble_batch, cache_data
 from .plot import save_loss_plot
 
 logger = get_logger(__name__)
-_warned_turbo = False
 
 
 @dataclass
@@ -59,7 +59,7 @@ class Run:
                 f"set family={model.family!r}"
             )
         self.output_dir = S.check_output_dir(config.output_dir, config.min_free_disk_gb, create=False)
-        self.config = config.replace(output_dir=self.output_dir)
+        self.config = M.resolve(config.replace(output_dir=self.output_dir), model, torch.device(model.device or "cpu"))
         self.model, self.pipe, self.family = model, model.pipe, model.family
         self.device = torch.device(model.device if model.device else "cpu")
         self.on_step, self.should_stop = on_step, should_stop
@@ -76,6 +76,7 @@ class Run:
         self._hooks: list = []
         self._adapters = self._logging = False
         self.ema = None
+        self._offloaded = False
         self._multiple = defaults_for(self.family).size_multiple  # bucket sides
 
     # -- setup ----------------------------------------------------------------------------
@@ -89,13 +90,16 @@ class Run:
         cfg = self.config
         instance = load_images(instance_images, cfg.resolution, cfg.center_crop, what="instance", multiple=self._multiple)
         check_instance_prompt(cfg.instance_prompt, cfg.class_prompt)
-        self._warn_turbo()
+        A.warn_turbo(self.family, cfg)
         self.accelerator = acc = S.make_accelerator(cfg, self.device, self.output_dir)
         self.rank, self.world = acc.process_index, acc.num_processes
         resume_path = S.resolve_resume(cfg, self.output_dir)
         resume_meta = S.check_checkpoint(resume_path, self.model, cfg) if resume_path else None
         class_data = self._class_images(class_images)
         self.data = cache_data(self.pipe, self.family, cfg, instance, class_data, self.device, self.should_stop)
+        self._offloaded = cfg.offload_encoders and self.device.type == "cuda"
+        if self._offloaded:  # latents and embeddings are cached: the VAE and text encoder leave the GPU
+            M.move_encoders(self.pipe, "cpu")
         set_seed(cfg.seed % 2**32)  # numpy takes 32-bit seeds only
         self._trainables()
         self._optimizer()
@@ -109,15 +113,6 @@ class Run:
         self.objective = _Objective(self.pipe, self.family, cfg.seed, cfg.timestep_sampling, cfg.timestep_shift)
         self.dtype = self.model.dtype if self.lora_mode else self.denoiser.dtype
         self._logging = S.start_logging(acc, cfg)
-
-    def _warn_turbo(self) -> None:
-        global _warned_turbo
-        if self.family == "zimage" and not self.config.training_adapter and not _warned_turbo:
-            _warned_turbo = True
-            logger.warning(
-                "training a LoRA directly on Z-Image-Turbo erodes its few-step quality; set training_adapter to a "
-                "de-distillation LoRA, or train on a de-turbo/base checkpoint"
-            )
 
     def _class_images(self, class_images):
         from . import priors
@@ -316,7 +311,7 @@ class Run:
                           generator=torch.Generator("cpu").manual_seed(cfg.validation_seed % SEED_SPACE))
             if self.family == "zimage":
                 kwargs["max_sequence_length"] = d.max_sequence_length
-            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            with torch.no_grad(), torch.random.fork_rng(devices=[]), M.encoders_on(pipe, self.device, self._offloaded):
                 image = pipe(prompt=[cfg.validation_prompt], **kwargs).images[0]
         finally:
             if swap:
@@ -375,6 +370,8 @@ class Run:
         """Put the shared model back exactly as it was (always runs, also after errors)."""
         for h in self._hooks:
             h.remove()
+        if self._offloaded:
+            M.move_encoders(self.pipe, self.device)
         if self._logging:
             self.accelerator.end_training()
         if self._adapters:

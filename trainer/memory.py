@@ -1,0 +1,176 @@
+"""Memory plans for LoRA training on 12-24 GB cards, and the memory model that chooses between them.
+
+A plan is a set of options, each of which can also be set alone in TrainConfig:
+
+* ``quantize_base``: the frozen denoiser stored in 8 bits (fp8) with bf16 compute, diffusers' layerwise casting.
+  It comes from TurboLoader (dtype ``fp8_e4m3fn``): the cached base is shared and never quantized behind
+  the user's back, so a plan that needs it asks for that load instead;
+* ``gradient_checkpointing``: each block's activations are recomputed in backward instead of kept;
+* ``optimizer="adamw8bit"``: bitsandbytes' 8-bit AdamW states;
+* ``offload_encoders``: the VAE and the text encoder leave the GPU once latents and embeddings are cached,
+  and come back for validation previews.
+
+``memory="auto"`` reads the training device's free memory (``torch.cuda.mem_get_info``) and takes the first
+plan, fastest first, whose estimate fits; on a CPU it takes the fastest. The estimate is
+:func:`estimate`: weights by dtype (counted on an empty model built from the config), LoRA weights, gradients
+and optimizer states, activations per token per block with and without checkpointing, and a fixed overhead.
+``benchmarks/bench_memory.py`` measures real steps and prints its figures beside these estimates.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from ..manager.errors import InvalidInputError, get_logger
+
+logger = get_logger(__name__)
+GB = 1024**3
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    quantize_base: bool
+    gradient_checkpointing: bool
+    optimizer: str
+    offload_encoders: bool
+    card: str  # what it is meant for
+
+
+# fastest first; auto takes the first that fits
+PLANS = {
+    "fast": Plan("fast", False, False, "adamw", False, "40 GB and more"),
+    "bf16_checkpointed": Plan("bf16_checkpointed", False, True, "adamw", True, "24 GB"),
+    "fp8_checkpointed": Plan("fp8_checkpointed", True, True, "adamw8bit", True, "12-16 GB"),
+}
+
+# Activation bytes per token per block, kept for backward (bf16): about ACT_DIM values of width ``dim`` (norms,
+# q/k/v, attention output, residuals) and ACT_FFN of width ``ffn`` (the SwiGLU's three products). With
+# checkpointing a block keeps only its input (one ``dim``-wide value) and one block at a time recomputes the rest.
+ACT_DIM, ACT_FFN = 14.0, 3.0
+FIXED_BYTES = 1.0 * GB  # CUDA context, cuBLAS workspace, allocator slack
+CAPTION_TOKENS = 128  # a typical prompt after the chat template (the cap is 512)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the estimate needs to know about a Z-Image-like denoiser and its encoders."""
+
+    denoiser_params: int
+    blocks: int  # main + refiner blocks
+    dim: int
+    ffn: int
+    lora_params: int  # trainable parameters of the LoRA at this rank
+    encoder_params: int  # text encoder + VAE
+
+
+def shape_of(transformer_config: dict, rank: int, targets: tuple, encoder_params: int) -> Shape:
+    """Counts from an empty (meta) model built from the config: exact, and no memory used."""
+    from accelerate import init_empty_weights
+    from diffusers import ZImageTransformer2DModel
+
+    cfg = {k: v for k, v in transformer_config.items() if not k.startswith("_")}
+    with init_empty_weights():
+        model = ZImageTransformer2DModel.from_config(cfg)
+    lora = 0
+    for name, module in model.named_modules():
+        if hasattr(module, "in_features") and any(name.endswith(t) for t in targets):
+            lora += rank * (module.in_features + module.out_features)
+    ffn = model.layers[0].feed_forward.w1.out_features
+    blocks = int(cfg["n_layers"]) + 2 * int(cfg["n_refiner_layers"])
+    return Shape(sum(p.numel() for p in model.parameters()), blocks, int(cfg["dim"]), ffn, lora, encoder_params)
+
+
+def estimate(plan: Plan, shape: Shape, resolution: int, batch: int) -> dict:
+    """Estimated peak bytes of one training step, by part."""
+    tokens = batch * ((resolution // 16) ** 2 + CAPTION_TOKENS)
+    per_block = tokens * (ACT_DIM * shape.dim + ACT_FFN * shape.ffn) * 2
+    if plan.gradient_checkpointing:
+        activations = shape.blocks * tokens * shape.dim * 2 + per_block
+    else:
+        activations = shape.blocks * per_block
+    optimizer = shape.lora_params * (2 if plan.optimizer == "adamw8bit" else 8)
+    parts = {
+        "weights": shape.denoiser_params * (1 if plan.quantize_base else 2),
+        "encoders": 0 if plan.offload_encoders else shape.encoder_params * 2,
+        "lora_weights_and_grads": shape.lora_params * 8,
+        "optimizer": optimizer,
+        "activations": int(activations),
+        "fixed": int(FIXED_BYTES),
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def choose(free_bytes: float | None, shape: Shape, resolution: int, batch: int) -> tuple[Plan, dict]:
+    """The fastest plan whose estimate fits ``free_bytes`` (None: no limit, a CPU), or a message saying what fits."""
+    if free_bytes is None:
+        plan = PLANS["fast"]
+        return plan, estimate(plan, shape, resolution, batch)
+    for plan in PLANS.values():
+        est = estimate(plan, shape, resolution, batch)
+        if est["total"] <= free_bytes:
+            return plan, est
+    lightest = list(PLANS.values())[-1]
+    need = estimate(lightest, shape, resolution, batch)["total"]
+    res = resolution
+    while res > 256 and estimate(lightest, shape, res, batch)["total"] > free_bytes:
+        res -= 64
+    hint = f"resolution {res} at batch {batch} fits" if estimate(lightest, shape, res, batch)["total"] <= free_bytes \
+        else "even 256² does not fit: free memory on the card (close other programs) or train on a larger one"
+    raise InvalidInputError(
+        f"no memory plan fits a {resolution}² batch-{batch} LoRA step in {free_bytes / GB:.1f} GB free: the lightest "
+        f"({lightest.name}) needs about {need / GB:.1f} GB; {hint}")
+
+
+def free_memory(device) -> float | None:
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda" and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info(device)
+        return float(free)
+    return None
+
+
+def resolve(config, model, device):
+    """The config with its memory plan's options applied (``memory="none"``: as given), and the estimate logged."""
+    if config.memory == "none" or model.family != "zimage":
+        return config
+    enc = sum(p.numel() for m in (model.pipe.text_encoder, model.pipe.vae) for p in m.parameters())
+    shape = shape_of(dict(model.denoiser.config), config.rank, config.targets, enc)
+    batch = config.batch_size * (2 if config.with_prior_preservation else 1)
+    if config.memory == "auto":
+        plan, est = choose(free_memory(device), shape, config.resolution, batch)
+    else:
+        plan = PLANS[config.memory]
+        est = estimate(plan, shape, config.resolution, batch)
+    eight_bit = any(p.dtype.itemsize == 1 for p in model.denoiser.parameters())
+    if plan.quantize_base and not eight_bit:
+        raise InvalidInputError(
+            f"memory plan {plan.name!r} trains on an 8-bit base: load the model with dtype 'fp8_e4m3fn' in "
+            "TurboLoader (the shared base is never quantized behind your back), or choose memory='bf16_checkpointed'")
+    logger.info("memory plan %s (%s): about %.1f GB peak (%s)", plan.name, plan.card, est["total"] / GB,
+                ", ".join(f"{k} {v / GB:.2f}" for k, v in est.items() if k != "total"))
+    return config.replace(gradient_checkpointing=config.gradient_checkpointing or plan.gradient_checkpointing,
+                          optimizer="adamw8bit" if plan.optimizer == "adamw8bit" else config.optimizer,
+                          offload_encoders=config.offload_encoders or plan.offload_encoders)
+
+
+@contextmanager
+def encoders_on(pipe, device, offloaded: bool):
+    """With ``offload_encoders`` the VAE and text encoder live on the CPU during training; this brings them to
+    ``device`` for the ``with`` block (validation previews) and back."""
+    if not offloaded:
+        yield
+        return
+    move_encoders(pipe, device)
+    try:
+        yield
+    finally:
+        move_encoders(pipe, "cpu")
+
+
+def move_encoders(pipe, device) -> None:
+    for module in (pipe.text_encoder, pipe.vae):
+        module.to(device)
