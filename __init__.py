@@ -13,4 +13,8 @@ else:  # read as a lone file (a test collector walking the checkout): nothing to
     NODE_CLASS_MAPPINGS: dict = {}
     NODE_DISPLAY_NAME_MAPPINGS: dict = {}
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "__version__"]
+# The web extension (plain JS modules): the live training dashboard, the source-aware TurboLoader and the
+# saved path on CheckpointSave. The nodes work the same without it.
+WEB_DIRECTORY = "./web"
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY", "__version__"]

@@ -176,6 +176,77 @@ class Progress:
                 mm.interrupt_current_processing(True)
 
 
+#: node id -> {"node", "run", "step", "total"} of the DreamBoothTrain runs in progress (GET /turbobooth/active)
+ACTIVE_RUNS: dict[str, dict] = {}
+
+
+def send_event(event: str, data: dict) -> None:
+    """A custom websocket event to the client that queued the prompt (no-op outside ComfyUI)."""
+    srv = getattr(getattr(sys.modules.get("server"), "PromptServer", None), "instance", None)
+    if srv is None:
+        return
+    try:
+        srv.send_sync(event, data, getattr(srv, "client_id", None))
+    except Exception:
+        logger.warning("could not send the %s event", event, exc_info=True)
+
+
+def _data_url(image, size: int = 256) -> str:
+    import base64
+    import io
+
+    im = image.convert("RGB")
+    im.thumbnail((size, size))
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+class TrainProgress(Progress):
+    """The progress bar plus one ``turbobooth.train`` event per optimizer step, for the web extension's live
+    dashboard on node ``node_id``: step, total, loss, lr, it/s, ETA and the latest validation image."""
+
+    def __init__(self, total: int, node_id) -> None:
+        super().__init__(total, raise_on_interrupt=False)
+        self.node_id = None if node_id is None else str(node_id)
+        self.run_id: str | None = None
+        self._t0 = self._s0 = None
+
+    def run_started(self, folder: str) -> None:
+        import time
+
+        self.run_id = os.path.basename(folder)
+        self._t0, self._s0 = time.monotonic(), None
+        if self.node_id is not None:
+            ACTIVE_RUNS[self.node_id] = {"node": self.node_id, "run": self.run_id, "step": 0, "total": self.total}
+        self._send({"phase": "start", "step": 0, "total": self.total})
+
+    def __call__(self, step: int, total: int, preview=None, info: dict | None = None) -> None:
+        import time
+
+        super().__call__(step, total, preview)
+        now, info = time.monotonic(), info or {}
+        if self._s0 is None:
+            self._t0, self._s0 = now, step - 1  # time from the first step on (data caching excluded)
+        rate = (step - self._s0) / (now - self._t0) if now > self._t0 else 0.0
+        data = {"phase": "step", "step": int(step), "total": int(total), "loss": info.get("loss"),
+                "lr": info.get("lr"), "time": info.get("time"), "it_s": round(rate, 4),
+                "eta_s": round((total - step) / rate, 1) if rate > 0 else None}
+        if preview is not None:
+            data["preview"] = _data_url(preview)
+        if self.node_id in ACTIVE_RUNS:
+            ACTIVE_RUNS[self.node_id].update(step=int(step), total=int(total))
+        self._send(data)
+
+    def finished(self, step: int, stopped: bool) -> None:
+        ACTIVE_RUNS.pop(self.node_id, None)
+        self._send({"phase": "stopped" if stopped else "done", "step": int(step), "total": self.total})
+
+    def _send(self, data: dict) -> None:
+        if self.node_id is not None and self.run_id is not None:
+            send_event("turbobooth.train", {"node": self.node_id, "run": self.run_id, **data})
+
+
 # ---------------------------------------------------------------- images
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 from . import comfy as host
@@ -98,60 +97,70 @@ class DreamBoothTrain:
                 "checkpoint_every": ("INT", {"default": 100, "min": 0, "max": 100000}),
                 "batch_size": ("INT", {"default": 1, "min": 1, "max": 64}),
                 "gradient_checkpointing": ("BOOLEAN", {"default": False}),
-                "mixed_precision": (["no", "fp16", "bf16"], {"default": "no"}),
+                "mixed_precision": (["no", "auto", "fp16", "bf16"], {"default": "no", "tooltip": "auto: bf16 if the GPU has it."}),
                 "training_adapter": ([host.NONE] + host.folder_list("loras"), {"default": host.NONE,
                                      "tooltip": "Z-Image-Turbo: a de-distillation LoRA active only while training."}),
             },
+            "hidden": {"unique_id": "UNIQUE_ID"},  # the node id the live dashboard's events name
         }
 
     def train(self, model, instance_images, instance_prompt, class_prompt, steps, learning_rate, rank, resolution,
               train_mode, prior_loss_weight, seed, run_name, class_images=None, validation_prompt="",
               validation_every=0, checkpoint_every=100, batch_size=1, gradient_checkpointing=False,
-              mixed_precision="no", training_adapter=host.NONE):
-        import torch
-
+              mixed_precision="no", training_adapter=host.NONE, unique_id=None):
+        widgets = dict(locals())  # every input by name; _train_config picks the settings
         from ..manager.cache import ensure_loaded
         from ..manager.errors import Interrupted
-        from ..manager.paths import safe_name
-        from ..trainer.config import TrainConfig
-        from ..trainer.loop import train
 
         model = ensure_loaded(model)
-        prior = class_images is not None and float(prior_loss_weight) > 0
-        adapter = host.full_path("loras", training_adapter) if training_adapter and training_adapter != host.NONE else None
-        fields = dict(
-            family=model.family, instance_prompt=instance_prompt, class_prompt=class_prompt if prior else (class_prompt or ""),
-            with_prior_preservation=prior, prior_loss_weight=float(prior_loss_weight), resolution=int(resolution),
-            train_mode=train_mode, rank=int(rank), steps=int(steps), lr=float(learning_rate), seed=int(seed),
-            batch_size=int(batch_size), gradient_checkpointing=bool(gradient_checkpointing),
-            mixed_precision=mixed_precision, checkpoint_every=int(checkpoint_every),
-            validation_every=int(validation_every), validation_prompt=validation_prompt or "",
-            validation_seed=int(seed), training_adapter=adapter, resume="latest",
-        )
-        if prior:
-            fields["num_class_images"] = int(class_images.shape[0])
-        # one folder per (model, data, settings): queueing the same graph again resumes it
-        h = hashlib.sha256(model.identity.encode())
-        h.update(repr(sorted((k, v) for k, v in fields.items() if k not in ("steps", "checkpoint_every"))).encode())
-        for batch in (instance_images, class_images):
-            if batch is not None:
-                h.update(batch.detach().cpu().contiguous().numpy().tobytes())
-        fields["output_dir"] = os.path.join(_training_root(), f"{safe_name(run_name, 'dreambooth')}-{h.hexdigest()[:10]}")
-        config = TrainConfig(**fields)
+        config = _train_config(model, widgets)
         host.share_memory(model)
-        with torch.inference_mode(False), torch.enable_grad():
-            result = train(
-                model, config, host.image_to_pils(instance_images),
-                class_images=host.image_to_pils(class_images) if prior else None,
-                on_step=host.Progress(int(steps), raise_on_interrupt=False),
-                should_stop=host.interrupted,
-            )
+        progress = host.TrainProgress(int(steps), unique_id)
+        result = _train(model, config, run_name, instance_images, class_images, progress)
         if result.stopped:
             host.check_interrupt()  # raises ComfyUI's own interruption after the state was saved
             raise Interrupted(f"training stopped at step {result.step}; queue again to resume from {result.checkpoint_dir}")
-        plot = host.pils_to_image([result.loss_plot])
-        out_model = result.model if result.model is not None else model
-        return (result.lora, out_model, plot)
+        return (result.lora, result.model if result.model is not None else model, host.pils_to_image([result.loss_plot]))
+
+
+def _train(model, config, run_name, instance_images, class_images, progress):
+    """trainer.runs.train_in_run_folder with gradients on; ``progress`` feeds the bar and the live dashboard."""
+    import torch
+
+    from ..trainer.runs import train_in_run_folder
+
+    result = None
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            result = train_in_run_folder(
+                model, config, _training_root(), run_name, host.image_to_pils(instance_images),
+                class_images=host.image_to_pils(class_images) if config.with_prior_preservation else None,
+                on_step=progress, should_stop=host.interrupted, on_run=progress.run_started)
+        return result
+    finally:
+        progress.finished(result.step if result else 0, stopped=result is None or result.stopped)
+
+
+def _train_config(model, w: dict):
+    """The TrainConfig for DreamBoothTrain's inputs ``w`` (the run folder is chosen in trainer.runs)."""
+    from ..trainer.config import TrainConfig
+
+    prior = w["class_images"] is not None and float(w["prior_loss_weight"]) > 0
+    adapter = w["training_adapter"]
+    fields = dict(
+        family=model.family, instance_prompt=w["instance_prompt"], class_prompt=w["class_prompt"] or "",
+        with_prior_preservation=prior, prior_loss_weight=float(w["prior_loss_weight"]),
+        resolution=int(w["resolution"]), train_mode=w["train_mode"], rank=int(w["rank"]), steps=int(w["steps"]),
+        lr=float(w["learning_rate"]), seed=int(w["seed"]), batch_size=int(w["batch_size"]),
+        gradient_checkpointing=bool(w["gradient_checkpointing"]), mixed_precision=w["mixed_precision"],
+        checkpoint_every=int(w["checkpoint_every"]), validation_every=int(w["validation_every"]),
+        validation_prompt=w["validation_prompt"] or "", validation_seed=int(w["seed"]),
+        training_adapter=host.full_path("loras", adapter) if adapter and adapter != host.NONE else None,
+        output_dir=_training_root(),
+    )
+    if prior:
+        fields["num_class_images"] = int(w["class_images"].shape[0])
+    return TrainConfig(**fields)
 
 
 class CheckpointSave:

@@ -32,6 +32,12 @@ SPLIT_FILES = {
     "text_encoder": "qwen_3_4b.safetensors",
     "vae": "ae.safetensors",
 }
+_HF = "https://huggingface.co/Comfy-Org/z_image_turbo/resolve/main/split_files"
+MODEL_URLS = {
+    "z_image_turbo_bf16.safetensors": f"{_HF}/diffusion_models/z_image_turbo_bf16.safetensors",
+    "qwen_3_4b.safetensors": f"{_HF}/text_encoders/qwen_3_4b.safetensors",
+    "ae.safetensors": f"{_HF}/vae/ae.safetensors",
+}
 DIFFUSERS_FOLDER = "Z-Image-Turbo"
 MODEL_FILES_NOTE = (
     "Model files (either layout):\n"
@@ -61,12 +67,12 @@ SIZES = {
     "TurboBoothGuidance": [340, 200],
     "TurboBoothSample": [360, 470],
     "TurboBoothPriorImageGen": [340, 250],
-    "TurboBoothDreamBoothTrain": [360, 560],
-    "TurboBoothCheckpointSave": [320, 130],
+    "TurboBoothDreamBoothTrain": [380, 800],  # with the web extension's live loss chart
+    "TurboBoothCheckpointSave": [320, 160],
+    "TurboBoothImageBatch": [220, 230],
     "SaveImage": [420, 460],
     "PreviewImage": [360, 300],
     "LoadImage": [300, 260],
-    "ImageBatch": [220, 50],
 }
 
 
@@ -195,6 +201,8 @@ def build(spec: Spec, object_info: dict) -> dict:
             outputs.append({"name": names[slot], "type": otype, "links": out_links.get((n["id"], slot)) or None, "slot_index": slot, "shape": 3})
         node["outputs"] = outputs
         node["properties"] = {"Node name for S&R": ntype}
+        if ntype == "TurboBoothLoader" and model_links(n["widgets"]):
+            node["properties"]["models"] = model_links(n["widgets"])
         values = _widget_values(ntype, info, n["widgets"])
         if ntype == "LoadImage":
             values.append("image")  # the frontend's upload button saves this value too
@@ -210,16 +218,52 @@ def build(spec: Spec, object_info: dict) -> dict:
         "links": links,
         "groups": [],
         "config": {},
-        "extra": {"ds": {"scale": 0.8, "offset": [40, 40]}, "turbobooth": {"title": spec.title}},
+        "extra": {"ds": saved_view(nodes), "turbobooth": {"title": spec.title, "slug": spec.name}},
         "version": 0.4,
     }
+
+
+# The saved view: every node inside a 1600x1000 window, clear of both frontends' chrome (the current
+# frontend's top bar and side bar, the early-2024 frontend's floating menu on the right).
+VIEW = {"left": 70, "top": 100, "right": 1340, "bottom": 960}
+TITLE_HEIGHT = 30
+
+
+def saved_view(nodes: list[dict]) -> dict:
+    x0 = min(n["pos"][0] for n in nodes)
+    y0 = min(n["pos"][1] for n in nodes) - TITLE_HEIGHT
+    x1 = max(n["pos"][0] + n["size"][0] for n in nodes)
+    y1 = max(n["pos"][1] + n["size"][1] for n in nodes)
+    w, h = VIEW["right"] - VIEW["left"], VIEW["bottom"] - VIEW["top"]
+    scale = round(min(1.0, w / (x1 - x0), h / (y1 - y0)) * 0.97, 3)
+    # screen = (graph + offset) * scale: centre the graph's box in the free area
+    ox = (VIEW["left"] + (w - (x1 - x0) * scale) / 2) / scale - x0
+    oy = (VIEW["top"] + (h - (y1 - y0) * scale) / 2) / scale - y0
+    return {"scale": scale, "offset": [round(ox, 1), round(oy, 1)]}
+
+
+def file_name(spec: Spec) -> str:
+    """Custom-node templates are listed by file name (the current frontend has no other title for them)."""
+    return f"{spec.title}.json"
+
+
+def model_links(values: dict) -> list[dict]:
+    """TurboLoader's ``properties.models``: the current frontend offers these downloads when they are missing."""
+    out = []
+    if values.get("source") != "split files":
+        return out
+    for widget, folder in (("diffusion_model", "diffusion_models"), ("text_encoder", "text_encoders"), ("vae", "vae")):
+        name = values.get(widget)
+        if name in MODEL_URLS:
+            out.append({"name": name, "url": MODEL_URLS[name], "directory": folder})
+    return out
 
 
 # --------------------------------------------------------------------------- the workflows
 
 
 def turbo_text_to_image() -> Spec:
-    s = Spec("turbo_text_to_image", "Z-Image-Turbo: text to image")
+    s = Spec("turbo_text_to_image", "Text to image with Z-Image-Turbo")
     s.note(
         (20, 20),
         "Text to image with Z-Image-Turbo in 8 steps.\n\n"
@@ -293,13 +337,13 @@ def img2img_inpaint() -> Spec:
 
 
 def dreambooth_end_to_end() -> Spec:
-    s = Spec("dreambooth_end_to_end", "DreamBooth: photos to LoRA to new images")
+    s = Spec("dreambooth_end_to_end", "DreamBooth from photos to a LoRA and new images")
     s.note(
         (20, 20),
         "DreamBooth in one graph: 3 photos of your subject -> class-prior images -> LoRA training -> saved "
         "LoRA -> the subject in a new scene.\n\n"
-        "1. Put 3-5 photos of the subject in ComfyUI/input and pick them in the LoadImage nodes (ImageBatch "
-        "joins them; add more pairs for more photos).\n"
+        "1. Put 3-5 photos of the subject in ComfyUI/input and pick them in the LoadImage nodes (TurboBooth's "
+        "ImageBatch joins them; connect up to 8).\n"
         "2. The instance prompt names the subject with a rare token (\"sks\") plus its class; the class prompt "
         "is the class alone. PriorImageGen makes the class images once and caches them on disk.\n"
         "3. DreamBoothTrain trains a LoRA; cancel saves its state and queueing again resumes. CheckpointSave "
@@ -311,8 +355,7 @@ def dreambooth_end_to_end() -> Spec:
     )
     photos = [s.add("LoadImage", (20, 500 + 300 * i), dict(image=f"subject_{i + 1}.png"), title=f"Subject photo {i + 1}")
               for i in range(3)]
-    b1 = s.add("ImageBatch", (360, 620), image1=(photos[0], "IMAGE"), image2=(photos[1], "IMAGE"))
-    b2 = s.add("ImageBatch", (360, 760), image1=(b1, "IMAGE"), image2=(photos[2], "IMAGE"))
+    b2 = s.add("TurboBoothImageBatch", (360, 620), **{f"image{i + 1}": (p, "IMAGE") for i, p in enumerate(photos)})
     loader = s.add("TurboBoothLoader", (620, 20), LOADER_SPLIT)
     prior = s.add(
         "TurboBoothPriorImageGen", (620, 420),
@@ -327,7 +370,7 @@ def dreambooth_end_to_end() -> Spec:
         model=(loader, "model"), instance_images=(b2, "IMAGE"), class_images=(prior, "class_images"),
     )
     s.add("TurboBoothCheckpointSave", (1400, 20), dict(name="sks_dog", overwrite=False), lora=(train, "lora"))
-    s.add("PreviewImage", (1000, 660), title="Loss", images=(train, "loss_plot"))
+    s.add("PreviewImage", (1000, 860), title="Loss", images=(train, "loss_plot"))
     sample = s.add(
         "TurboBoothSample", (1400, 200),
         dict(prompt="a photo of sks dog on a beach at sunset\na photo of sks dog wearing a red scarf in the snow",
@@ -371,7 +414,7 @@ def render_all(object_info: dict) -> dict[str, str]:
     out = {}
     for make in WORKFLOWS:
         spec = make()
-        out[f"{spec.name}.json"] = json.dumps(build(spec, object_info), indent=2) + "\n"
+        out[file_name(spec)] = json.dumps(build(spec, object_info), indent=2) + "\n"
     return out
 
 

@@ -138,3 +138,94 @@ def test_two_loras_stack_and_leave_the_base_untouched(tiny, tmp_path):
     again, _ = sample(model, steps=3)
     assert torch.equal(again, base), "LoRAs must come off the cached base after sampling"
     assert all(torch.equal(v, model.denoiser.state_dict()[k]) for k, v in before.items())
+
+
+# --------------------------------------------------------------------------- web extension support
+
+
+def test_image_batch_joins_any_inputs_in_order_at_the_first_size():
+    batch = node("TurboBoothImageBatch")
+    a = torch.full((1, 8, 8, 3), 0.25)
+    b = torch.full((2, 8, 8, 3), 0.5)
+    c = torch.full((1, 16, 4, 4), 0.75)  # another size, RGBA
+    [out] = batch.batch(a, image2=b, image5=c)
+    assert out.shape == (4, 8, 8, 3)
+    assert [round(float(x), 2) for x in out.mean(dim=(1, 2, 3))] == [0.25, 0.5, 0.5, 0.75]
+    assert batch.batch(a)[0].shape == (1, 8, 8, 3)
+    spec = type(batch).INPUT_TYPES()
+    assert list(spec["required"]) == ["image1"] and len(spec["optional"]) == 7
+    with pytest.raises(InvalidInputError, match="input 2"):
+        batch.batch(a, image2=torch.zeros(8, 8, 3))
+
+
+def test_step_log_is_appended_per_step_and_read_only_by_run_id(tmp_path):
+    from turbobooth.trainer.runs import StepLog, read_step_log
+
+    root = tmp_path / "turbobooth_training"
+    run = root / "sks-0123456789"
+    run.mkdir(parents=True)
+    (tmp_path / "secret.jsonl").write_text('{"step": 1}\n')
+    calls = []
+
+    def on_step(step, total, preview, info=None):
+        calls.append((step, total, info["loss"]))
+
+    log = StepLog(str(run), on_step, keep_until=0)
+    for s in (1, 2, 3):
+        log(s, 3, None, info={"loss": 1.0 / s, "lr": 1e-4})
+    with open(run / "steps.jsonl", "a") as f:
+        f.write('{"step": 4, "loss"')  # a line still being written
+    rows = read_step_log(str(root), "sks-0123456789")
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[0]["loss"] == 1.0 and calls[-1] == (3, 3, 1 / 3)
+    StepLog(str(run), None, keep_until=2)(3, 3, None, info={"loss": 0.5})  # a resume from step 2 repeats step 3
+    assert [(r["step"], r["loss"]) for r in read_step_log(str(root), "sks-0123456789")] == [(1, 1.0), (2, 0.5), (3, 0.5)]
+    StepLog(str(run), lambda step, total, preview: calls.append(step), keep_until=3)(4, 4, None)  # old signature
+    assert calls[-1] == 4
+    for bad in ("unknown-0123456789", "../secret", "..", "sks-0123456789/../..", "/etc/passwd", "", None,
+                "sks-0123456789/steps.jsonl", "%2e%2e"):
+        assert read_step_log(str(root), bad) is None, bad
+
+
+def test_train_progress_sends_one_event_per_step_for_its_node(monkeypatch):
+    from turbobooth.nodes import comfy as host
+
+    sent = []
+    monkeypatch.setattr(host, "send_event", lambda name, data: sent.append((name, data)))
+    p = host.TrainProgress(3, "7")
+    p(1, 3, None, info={"loss": 0.5, "lr": 1e-4})  # before the run folder is known: nothing to name
+    assert not sent
+    p.run_started("/x/turbobooth_training/sks-0123456789")
+    assert host.ACTIVE_RUNS["7"]["run"] == "sks-0123456789"
+    p(2, 3, None, info={"loss": 0.25, "lr": 1e-4})
+    p.finished(3, stopped=False)
+    assert "7" not in host.ACTIVE_RUNS
+    phases = [(d["phase"], d["node"], d["run"]) for _, d in sent]
+    assert phases == [("start", "7", "sks-0123456789"), ("step", "7", "sks-0123456789"),
+                      ("done", "7", "sks-0123456789")]
+    assert sent[1][1]["loss"] == 0.25 and sent[1][1]["total"] == 3 and {n for n, _ in sent} == {"turbobooth.train"}
+    assert host.TrainProgress(3, None)._send({"phase": "x"}) is None  # no node id (API use): no events
+
+
+def test_dreambooth_node_takes_its_unique_id_and_checkpoint_save_reports_the_path():
+    spec = turbobooth.NODE_CLASS_MAPPINGS["TurboBoothDreamBoothTrain"].INPUT_TYPES()
+    assert spec["hidden"] == {"unique_id": "UNIQUE_ID"}
+
+
+def test_web_extension_mirrors_the_loader_sources():
+    """web/loader.js names the widgets of each source as manager/sources.py does, and __init__ serves web/."""
+    import json
+    import re
+
+    from turbobooth.manager.sources import SOURCE_WIDGETS, SOURCES
+
+    root = os.path.dirname(turbobooth.__file__)
+    assert turbobooth.WEB_DIRECTORY == "./web"
+    with open(os.path.join(root, "web", "loader.js"), encoding="utf-8") as f:
+        text = f.read()
+    block = re.search(r"SOURCE_WIDGETS = (\{.*?\});", text, re.S).group(1)
+    js = json.loads(re.sub(r",\s*}", "}", block))
+    assert list(js) == list(SOURCES)
+    for source, widgets in SOURCE_WIDGETS.items():
+        assert tuple(js[source]) == (("repo_id", "revision") if source == "hub repo" else widgets)
+    loader_widgets = turbobooth.NODE_CLASS_MAPPINGS["TurboBoothLoader"].INPUT_TYPES()["required"]
+    assert {w for ws in js.values() for w in ws} <= set(loader_widgets)

@@ -10,24 +10,24 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import re
 import time
 from collections.abc import Callable
 
+from ..manager.errors import get_logger
 from ..manager.paths import atomic_file, safe_name
 from .config import TrainConfig
 from .run import TrainResult
 from .state import list_checkpoints
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 FINAL_LORA = "final.safetensors"
 FINAL_INFO = "final.json"
 STEP_LOG = "steps.jsonl"  # one JSON object per optimizer step: step, total, loss, lr, time
 PREVIEW = "preview.png"  # the latest validation image
-_RUN_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,150}-[0-9a-f]{10}$")
+_RUN_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_. -]{0,150}-[0-9a-f]{10}$")  # safe_name(run_name)-<hash>
 
 
 def _image_bytes(images) -> list[bytes]:

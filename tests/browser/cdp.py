@@ -239,6 +239,19 @@ class Page:
     def send(self, method: str, params: dict | None = None, timeout: float = 60) -> dict:
         return self.conn.send(method, params, session_id=self.session_id, timeout=timeout)
 
+    def serve_empty_scripts(self, url_pattern: str) -> None:
+        """Answer every request matching ``url_pattern`` with an empty JavaScript module (an extension that is
+        not there), from the next navigation on."""
+
+        def fulfil(msg: dict) -> None:
+            if msg.get("sessionId") == self.session_id and msg.get("method") == "Fetch.requestPaused":
+                params = {"requestId": msg["params"]["requestId"], "responseCode": 200, "body": "",
+                          "responseHeaders": [{"name": "Content-Type", "value": "application/javascript"}]}
+                asyncio.ensure_future(self.conn._send("Fetch.fulfillRequest", params, self.session_id))
+
+        self.conn.listeners.append(fulfil)
+        self.send("Fetch.enable", {"patterns": [{"urlPattern": url_pattern, "requestStage": "Request"}]})
+
     def setup(self, width: int, height: int) -> None:
         self.send("Page.enable")
         self.send("Runtime.enable")

@@ -48,6 +48,7 @@ QUIET_SETTINGS = {
     "Comfy.Minimap.Visible": False,
     "Comfy.VueNodes.Enabled": False,
     "Comfy.Validation.Workflows": True,
+    "Comfy.Window.UnloadConfirmation": False,  # a reload mid-run must not stop at "leave the page?"
 }
 
 QUEUE_BUTTONS = ('[data-testid="queue-button"] button', '[data-testid="queue-button"]', "#queue-button")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from urllib.parse import quote
 
 import pytest
 from comfy_harness import REPO_ROOT, unique_prefix
@@ -31,13 +32,15 @@ from workflow_api import (
 )
 
 WORKFLOWS_DIR = os.path.join(REPO_ROOT, "workflows")
-EXPECTED = [
-    "dreambooth_end_to_end",
-    "img2img_inpaint",
-    "load_lora_and_generate",
-    "negative_prompt_cfg_batch",
-    "turbo_text_to_image",
-]
+# Current ComfyUI lists a custom node's templates by file name alone, so the file names are the titles.
+SLUGS = {
+    "Batch of prompts with negative prompt and CFG": "negative_prompt_cfg_batch",
+    "DreamBooth from photos to a LoRA and new images": "dreambooth_end_to_end",
+    "Generate with a LoRA file": "load_lora_and_generate",
+    "Image to image and inpainting": "img2img_inpaint",
+    "Text to image with Z-Image-Turbo": "turbo_text_to_image",
+}
+EXPECTED = sorted(SLUGS)
 REAL_MODEL_FILES = ("z_image_turbo_bf16.safetensors", "qwen_3_4b.safetensors", "ae.safetensors")
 # Folder names current ComfyUI scans for a custom node's templates (app/custom_node_manager.py).
 TEMPLATE_FOLDERS = ("example_workflows", "example", "examples", "workflow", "workflows")
@@ -95,6 +98,33 @@ def test_workflow_file_is_valid_ui_format(name):
 
 
 @pytest.mark.parametrize("name", EXPECTED)
+def test_workflow_title_slug_and_saved_view(name):
+    """The file name reads as a title; the saved view puts every node inside a 1600x1000 window, clear of the
+    frontends' bars (the browser test checks the same on the real page)."""
+    sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
+    try:
+        from make_workflows import TITLE_HEIGHT, VIEW
+    finally:
+        sys.path.pop(0)
+    wf = _ui_workflows()[name]
+    assert wf["extra"]["turbobooth"] == {"title": name, "slug": SLUGS[name]}
+    ds = wf["extra"]["ds"]
+    scale, (ox, oy) = ds["scale"], ds["offset"]
+    for n in wf["nodes"]:
+        x0, y0 = (n["pos"][0] + ox) * scale, (n["pos"][1] - TITLE_HEIGHT + oy) * scale
+        x1, y1 = (n["pos"][0] + n["size"][0] + ox) * scale, (n["pos"][1] + n["size"][1] + oy) * scale
+        assert VIEW["left"] <= x0 and x1 <= VIEW["right"] and VIEW["top"] <= y0 and y1 <= VIEW["bottom"], (
+            name, n["type"], (x0, y0, x1, y1))
+    for loader in nodes_of_type(wf, "TurboBoothLoader"):  # the current frontend's missing-model downloads
+        models = loader["properties"].get("models", [])
+        if loader["widgets_values"][0] == "split files":
+            assert sorted(m["name"] for m in models) == sorted(REAL_MODEL_FILES)
+            assert all(m["url"].startswith("https://huggingface.co/Comfy-Org/z_image_turbo/") for m in models)
+        else:
+            assert models == []
+
+
+@pytest.mark.parametrize("name", EXPECTED)
 def test_workflow_has_a_thumbnail(name):
     """Current ComfyUI's template browser shows <name>.jpg beside <name>.json."""
     path = os.path.join(WORKFLOWS_DIR, f"{name}.jpg")
@@ -119,6 +149,8 @@ def test_workflow_node_types_and_widgets_match_the_host(name, object_info):
     wf = _ui_workflows()[name]
     missing = sorted({n["type"] for n in wf["nodes"]} - set(object_info) - FRONTEND_ONLY)
     assert not missing, f"{name} uses node types this ComfyUI does not have: {missing}"
+    deprecated = sorted({n["type"] for n in wf["nodes"] if (object_info.get(n["type"]) or {}).get("deprecated")})
+    assert not deprecated and "ImageBatch" not in {n["type"] for n in wf["nodes"]}, deprecated
     assert not check_widgets(wf, object_info)
     for node in wf["nodes"]:
         if node["type"] in FRONTEND_ONLY:
@@ -158,7 +190,7 @@ def test_workflow_runs_in_comfyui(name, comfy_host, comfy_server, host_tiny_mode
     point_at_tiny_models(wf, object_info, host_tiny_models, prefix)
     write_input_images(comfy_host.input_dir)
     lora_path = None
-    if name == "load_lora_and_generate":
+    if SLUGS[name] == "load_lora_and_generate":
         lora_name = f"{prefix}.safetensors"
         lora_path = write_tiny_lora(os.path.join(comfy_host.models_dir, "loras"), lora_name)
         set_widgets(wf, object_info, "TurboBoothSample", lora_file=lora_name)
@@ -176,7 +208,7 @@ def test_workflow_runs_in_comfyui(name, comfy_host, comfy_server, host_tiny_mode
             assert os.path.isfile(png), png
             with Image.open(png) as im:
                 assert im.format == "PNG" and im.size == (W, H)
-    if name == "dreambooth_end_to_end":
+    if SLUGS[name] == "dreambooth_end_to_end":
         [ckpt] = nodes_of_type(wf, "TurboBoothCheckpointSave")
         written = result.outputs[str(ckpt["id"])]["text"][0]
         assert os.path.isfile(written) and written.endswith(".safetensors"), written
@@ -220,8 +252,9 @@ def test_workflow_templates_route_lists_ours(comfy_host, comfy_server):
     module = os.path.basename(comfy_host.pack_dir)
     assert sorted(listing.get(module, [])) == EXPECTED, listing
     for name in EXPECTED:
-        st, data = comfy_server.request("GET", f"/api/workflow_templates/{module}/{name}.json")
+        url = f"/api/workflow_templates/{quote(module)}/{quote(name)}"
+        st, data = comfy_server.request("GET", url + ".json")
         assert st == 200 and json.loads(data)["nodes"], name
-        st, _ = comfy_server.request("GET", f"/api/workflow_templates/{module}/{name}.jpg")
+        st, _ = comfy_server.request("GET", url + ".jpg")
         assert st == 200, f"thumbnail {name}.jpg not served"
 

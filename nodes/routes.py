@@ -1,0 +1,69 @@
+"""The /turbobooth/ HTTP routes the web extension reads (registered only when ComfyUI's server runs).
+
+GET /turbobooth/runs/{run_id}/log      the steps a DreamBoothTrain run logged (JSON), refills the live chart
+GET /turbobooth/runs/{run_id}/preview  that run's latest validation image (PNG)
+GET /turbobooth/active                 the runs in progress, by node id
+
+A run id is a run folder's name; anything else (unknown, a path, "..") is 404, and nothing outside the
+training root's run folders is read.
+"""
+
+from __future__ import annotations
+
+import os
+
+from . import comfy as host
+
+
+def training_root() -> str:
+    return os.path.join(host.output_directory(), "turbobooth_training")
+
+
+def run_log(run_id: str) -> dict | None:
+    """The JSON body for a run's log, or None (404)."""
+    from ..trainer.runs import PREVIEW, read_step_log, run_path
+
+    steps = read_step_log(training_root(), run_id)
+    if steps is None:
+        return None
+    return {"run": run_id, "steps": steps, "preview": run_path(training_root(), run_id, PREVIEW) is not None}
+
+
+def register(routes) -> None:
+    """Add the routes to aiohttp's route table ``routes`` (PromptServer.instance.routes)."""
+    from aiohttp import web
+
+    @routes.get("/turbobooth/runs/{run_id}/log")
+    async def get_run_log(request):
+        body = run_log(request.match_info["run_id"])
+        if body is None:
+            return web.json_response({"error": "unknown run"}, status=404)
+        return web.json_response(body, headers={"Cache-Control": "no-store"})
+
+    @routes.get("/turbobooth/runs/{run_id}/preview")
+    async def get_run_preview(request):
+        from ..trainer.runs import PREVIEW, run_path
+
+        path = run_path(training_root(), request.match_info["run_id"], PREVIEW)
+        if path is None:
+            return web.json_response({"error": "no preview"}, status=404)
+        return web.FileResponse(path, headers={"Cache-Control": "no-store"})
+
+    @routes.get("/turbobooth/active")
+    async def get_active(request):
+        return web.json_response({"runs": list(host.ACTIVE_RUNS.values())}, headers={"Cache-Control": "no-store"})
+
+
+def register_with_comfyui() -> bool:
+    """Register on the running PromptServer; False outside ComfyUI."""
+    import sys
+
+    srv = getattr(getattr(sys.modules.get("server"), "PromptServer", None), "instance", None)
+    if srv is None:
+        return False
+    try:
+        register(srv.routes)
+    except Exception:  # a host without aiohttp routes: the dashboard then only shows live events
+        host.logger.warning("could not register the /turbobooth/ routes", exc_info=True)
+        return False
+    return True
