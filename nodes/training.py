@@ -61,6 +61,22 @@ class PriorImageGen:
         return (host.pils_to_image(images),)
 
 
+# Real-world training options (trainer.config.TrainConfig checks every value, NaN and Inf included).
+_EXTRA_INPUTS = {
+    "memory": (["auto", "none", "fast", "bf16_checkpointed", "fp8_checkpointed"], {"default": "auto", "tooltip":
+               "auto: the fastest plan that fits the GPU's free memory. fp8_checkpointed (12-16 GB) needs the model "
+               "loaded with dtype fp8_e4m3fn; bf16_checkpointed fits 24 GB."}),
+    "caption_dropout": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.95, "step": 0.05,
+                                  "tooltip": "Share of steps that train an image with an empty prompt."}),
+    "dop_weight": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 10.0, "step": 0.05, "tooltip":
+                   "Differential output preservation: keep the class (trigger replaced by dop_class) as the base "
+                   "renders it. 0 = off."}),
+    "dop_class": ("STRING", {"default": "", "tooltip": "The class word for DOP, e.g. 'dog'."}),
+    "ema_decay": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.9999, "step": 0.0001, "round": False,
+                            "tooltip": "An EMA of the LoRA weights (lora_ema output), e.g. 0.999. 0 = off."}),
+}
+
+
 class DreamBoothTrain:
     DESCRIPTION = (
         "Personalizes the model on 3-5 photos of a subject with DreamBooth (LoRA by default; full fine-tune for "
@@ -69,8 +85,8 @@ class DreamBoothTrain:
         "never modified."
     )
     CATEGORY = "TurboBooth/DreamBooth"
-    RETURN_TYPES = ("TURBO_LORA", "TURBO_MODEL", "IMAGE")
-    RETURN_NAMES = ("lora", "model", "loss_plot")
+    RETURN_TYPES = ("TURBO_LORA", "TURBO_MODEL", "IMAGE", "TURBO_LORA")
+    RETURN_NAMES = ("lora", "model", "loss_plot", "lora_ema")
     FUNCTION = "train"
 
     @classmethod
@@ -100,6 +116,7 @@ class DreamBoothTrain:
                 "mixed_precision": (["no", "auto", "fp16", "bf16"], {"default": "no", "tooltip": "auto: bf16 if the GPU has it."}),
                 "training_adapter": ([host.NONE] + host.folder_list("loras"), {"default": host.NONE,
                                      "tooltip": "Z-Image-Turbo: a de-distillation LoRA active only while training."}),
+                **_EXTRA_INPUTS,
             },
             "hidden": {"unique_id": "UNIQUE_ID"},  # the node id the live dashboard's events name
         }
@@ -107,7 +124,8 @@ class DreamBoothTrain:
     def train(self, model, instance_images, instance_prompt, class_prompt, steps, learning_rate, rank, resolution,
               train_mode, prior_loss_weight, seed, run_name, class_images=None, validation_prompt="",
               validation_every=0, checkpoint_every=100, batch_size=1, gradient_checkpointing=False,
-              mixed_precision="no", training_adapter=host.NONE, unique_id=None):
+              mixed_precision="no", training_adapter=host.NONE, unique_id=None, memory="auto", caption_dropout=0.0,
+              dop_weight=0.0, dop_class="", ema_decay=0.0):
         widgets = dict(locals())  # every input by name; _train_config picks the settings
         from ..manager.cache import ensure_loaded
         from ..manager.errors import Interrupted
@@ -120,7 +138,8 @@ class DreamBoothTrain:
         if result.stopped:
             host.check_interrupt()  # raises ComfyUI's own interruption after the state was saved
             raise Interrupted(f"training stopped at step {result.step}; queue again to resume from {result.checkpoint_dir}")
-        return (result.lora, result.model if result.model is not None else model, host.pils_to_image([result.loss_plot]))
+        return (result.lora, result.model if result.model is not None else model,
+                host.pils_to_image([result.loss_plot]), result.lora_ema)
 
 
 def _train(model, config, run_name, instance_images, class_images, progress):
@@ -156,7 +175,8 @@ def _train_config(model, w: dict):
         checkpoint_every=int(w["checkpoint_every"]), validation_every=int(w["validation_every"]),
         validation_prompt=w["validation_prompt"] or "", validation_seed=int(w["seed"]),
         training_adapter=host.full_path("loras", adapter) if adapter and adapter != host.NONE else None,
-        output_dir=_training_root(),
+        output_dir=_training_root(), memory=w["memory"], caption_dropout=float(w["caption_dropout"]),
+        dop_weight=float(w["dop_weight"]), dop_class=(w["dop_class"] or "").strip(), ema_decay=float(w["ema_decay"]),
     )
     if prior:
         fields["num_class_images"] = int(w["class_images"].shape[0])

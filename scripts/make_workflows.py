@@ -67,7 +67,7 @@ SIZES = {
     "TurboBoothGuidance": [340, 200],
     "TurboBoothSample": [360, 470],
     "TurboBoothPriorImageGen": [340, 250],
-    "TurboBoothDreamBoothTrain": [380, 800],  # with the web extension's live loss chart
+    "TurboBoothDreamBoothTrain": [380, 930],  # with the web extension's live loss chart
     "TurboBoothCheckpointSave": [320, 160],
     "TurboBoothImageBatch": [220, 230],
     "SaveImage": [420, 460],
@@ -370,7 +370,7 @@ def dreambooth_end_to_end() -> Spec:
         model=(loader, "model"), instance_images=(b2, "IMAGE"), class_images=(prior, "class_images"),
     )
     s.add("TurboBoothCheckpointSave", (1400, 20), dict(name="sks_dog", overwrite=False), lora=(train, "lora"))
-    s.add("PreviewImage", (1000, 860), title="Loss", images=(train, "loss_plot"))
+    s.add("PreviewImage", (1000, 990), title="Loss", images=(train, "loss_plot"))
     sample = s.add(
         "TurboBoothSample", (1400, 200),
         dict(prompt="a photo of sks dog on a beach at sunset\na photo of sks dog wearing a red scarf in the snow",

@@ -515,10 +515,20 @@ def test_dreambooth_node_reuses_a_finished_run(tmp_path, monkeypatch):
     images = torch.rand(3, 32, 32, 3)
     args = dict(instance_prompt="a photo of sks dog", class_prompt="a photo of dog", steps=2, learning_rate=1e-3,
                 rank=4, resolution=32, train_mode="lora", prior_loss_weight=1.0, seed=2**64 - 1, run_name="sks")
-    lora, _, plot = node.train(model, images, **args, checkpoint_every=1)
-    again, _, _ = node.train(model, images, **args, checkpoint_every=5, validation_prompt="a dog on a beach")
-    assert calls == [1] and _same_lora(lora, again) and tuple(plot.shape) == (1, 360, 640, 3)
+    lora, _, plot, ema = node.train(model, images, **args, checkpoint_every=1)
+    again, _, _, _ = node.train(model, images, **args, checkpoint_every=5, validation_prompt="a dog on a beach")
+    assert calls == [1] and _same_lora(lora, again) and tuple(plot.shape) == (1, 360, 640, 3) and ema is None
     assert not os.path.isabs(again.metadata["base_model"]) and str(tmp_path) not in str(again.metadata)
+    # the real-world options through the node: EMA (its own output, reused from disk too), DOP, caption dropout
+    extra = dict(ema_decay=0.9, dop_weight=0.5, dop_class="dog", caption_dropout=0.2, memory="auto")
+    lora, _, _, ema = node.train(model, images, **args, **extra)
+    assert ema is not None and not _same_lora(lora, ema) and len(calls) == 2
+    _, _, _, ema_again = node.train(model, images, **args, **extra)
+    assert len(calls) == 2 and _same_lora(ema, ema_again)
+    with pytest.raises(InvalidInputError, match="dop_class"):
+        node.train(model, images, **args, dop_weight=0.5)
+    with pytest.raises(InvalidInputError, match="caption_dropout"):
+        node.train(model, images, **args, caption_dropout=float("nan"))
 
 
 # ---------------------------------------------------------------------------

@@ -25,6 +25,7 @@ logger = get_logger(__name__)
 
 FINAL_LORA = "final.safetensors"
 FINAL_INFO = "final.json"
+FINAL_EMA = "final_ema.safetensors"
 STEP_LOG = "steps.jsonl"  # one JSON object per optimizer step: step, total, loss, lr, time
 PREVIEW = "preview.png"  # the latest validation image
 _RUN_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_. -]{0,150}-[0-9a-f]{10}$")  # safe_name(run_name)-<hash>
@@ -73,10 +74,13 @@ def load_finished(model, config: TrainConfig) -> TrainResult | None:
     if {k: info.get(k) for k in ("model_identity", "fingerprint", "steps")} != _info(model, config):
         return None
     lora = load_lora_file(os.path.join(folder, FINAL_LORA))
+    ema_path = os.path.join(folder, FINAL_EMA)
+    lora_ema = load_lora_file(ema_path) if config.ema_decay and os.path.isfile(ema_path) else None
     losses = [float(v) for v in info.get("losses", [])]
     logger.info("reusing the finished run in %s (%d steps); nothing to train", folder, config.steps)
     return TrainResult(lora=lora, model=None, loss_plot=loss_plot(losses), losses=losses,
-                       checkpoint_dir=info.get("checkpoint"), step=config.steps, total_steps=config.steps)
+                       checkpoint_dir=info.get("checkpoint"), step=config.steps, total_steps=config.steps,
+                       lora_ema=lora_ema)
 
 
 def save_finished(model, config: TrainConfig, result: TrainResult) -> None:
@@ -85,6 +89,8 @@ def save_finished(model, config: TrainConfig, result: TrainResult) -> None:
 
     folder = config.output_dir
     save_lora_file(result.lora, os.path.join(folder, FINAL_LORA))
+    if result.lora_ema is not None:
+        save_lora_file(result.lora_ema, os.path.join(folder, FINAL_EMA))
     info = dict(_info(model, config), losses=result.losses,
                 checkpoint=os.path.basename(result.checkpoint_dir) if result.checkpoint_dir else None)
     text = json.dumps(info, indent=2).encode("utf-8")
