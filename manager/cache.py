@@ -50,6 +50,7 @@ class ModelCache:
             if model is not None:
                 self._items.move_to_end(spec)
                 return model
+            self._make_room(spec)
             model = self._load(spec)
             self.loads += 1
             self._items[spec] = model
@@ -76,6 +77,15 @@ class ModelCache:
     def on_release(self, listener: Callable[[TurboModel], None]) -> None:
         """Call ``listener(model)`` whenever a model leaves the cache."""
         self._listeners.append(listener)
+
+    def _make_room(self, spec: ModelSpec) -> None:
+        """Before a load: release least-recently-used models until the new one's files fit the budget too, so
+        two models that do not fit together are never in memory at once (Base goes before Turbo loads)."""
+        from .loading import estimate_bytes
+
+        need = estimate_bytes(spec)
+        while self._items and self.total_bytes + need > self.budget:
+            self.release(next(iter(self._items)))
 
     def _evict_over_budget(self, keep: ModelSpec) -> None:
         while self.total_bytes > self.budget and len(self._items) > 1:

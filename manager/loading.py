@@ -174,6 +174,15 @@ def file_stamp(spec: ModelSpec) -> str:
     return h.hexdigest()[:16]
 
 
+def estimate_bytes(spec: ModelSpec) -> int:
+    """The size on disk of the spec's weight files: about what loading it will take (0 for hub repos)."""
+    kind = spec.resolved_kind()
+    if kind == "hub":
+        return 0
+    files = _folder_weight_files(spec.source) if kind == "diffusers" else [spec.source, spec.text_encoder, spec.vae]
+    return sum(os.path.getsize(f) for f in files if f and os.path.isfile(f))
+
+
 def _folder_weight_files(folder: str) -> list[str]:
     out = []
     for comp in WEIGHTED_COMPONENTS:

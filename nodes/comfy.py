@@ -295,20 +295,6 @@ def make_room(device: str, nbytes: int) -> None:
         logger.warning("ComfyUI could not free memory before loading", exc_info=True)
 
 
-def estimate_bytes(paths) -> int:
-    """Size on disk of a model's weight files (a folder is walked)."""
-    total = 0
-    for p in paths:
-        if not p:
-            continue
-        if os.path.isdir(p):
-            for dirpath, _, files in os.walk(p):
-                total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files if f.endswith(".safetensors"))
-        elif os.path.isfile(p):
-            total += os.path.getsize(p)
-    return total
-
-
 def _patcher_class():
     """A ModelPatcher that stands for a TurboModel in ComfyUI's loaded-model list; unloading it releases the
     model from our cache. Built once, on the ModelPatcher of the running ComfyUI."""

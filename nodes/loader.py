@@ -37,6 +37,7 @@ class TurboLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
+        from ..manager.families import VARIANTS
         from ..manager.spec import DTYPES, OFFLOADS
 
         return {
@@ -53,7 +54,10 @@ class TurboLoader:
                 "dtype": (list(DTYPES), {"default": "auto", "tooltip": "auto = bf16/fp16 on GPU, fp32 on CPU. fp8 stores the denoiser weights in 8 bits (fits Z-Image-Turbo in 12 GB)."}),
                 "device": (list(DEVICES), {"default": "auto", "tooltip": "auto = ComfyUI's device."}),
                 "offload": (list(OFFLOADS), {"default": "none", "tooltip": "model = move whole components to the GPU only while used; sequential = lowest VRAM, slowest."}),
-            }
+            },
+            "optional": {
+                "variant": (list(VARIANTS), {"default": "auto", "tooltip": "Z-Image: Turbo (8 steps, guidance 0), Base or De-Turbo (50 steps, guidance 5). auto reads the model's name and scheduler."}),
+            },
         }
 
     @classmethod
@@ -81,17 +85,18 @@ class TurboLoader:
             return ""
 
     def load(self, source, diffusers_model, repo_id, revision, diffusion_model, text_encoder, vae, checkpoint,
-             family, dtype, device, offload):
+             family, dtype, device, offload, variant="auto"):
         from ..manager.cache import CACHE, get_model
+        from ..manager.loading import estimate_bytes
         from ..manager.sources import spec_for
 
         values = dict(diffusers_model=diffusers_model, repo_id=repo_id, revision=revision,
                       diffusion_model=diffusion_model, text_encoder=text_encoder, vae=vae, checkpoint=checkpoint)
         device = host.torch_device() if device == "auto" else device
         spec = spec_for(source, values, host.folder_roots, host.comfy_bundled_tokenizer, family=family, dtype=dtype,
-                        device=device, offload=offload)
+                        device=device, offload=offload, variant=variant if family != "sd1" else "auto")
         if spec not in CACHE:
-            host.make_room(device, host.estimate_bytes([spec.source, spec.text_encoder, spec.vae]))
+            host.make_room(device, estimate_bytes(spec))
         model = get_model(spec)
         host.share_memory(model)
         return (model,)

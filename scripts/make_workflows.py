@@ -382,6 +382,53 @@ def dreambooth_end_to_end() -> Spec:
     return s
 
 
+def base_train_turbo_sample() -> Spec:
+    s = Spec("base_train_turbo_sample", "Train on Z-Image Base, sample on Turbo")
+    s.note(
+        (20, 20),
+        "LoRAs trained on the distilled Turbo weights come out grainy or off-identity; train on Z-Image Base and "
+        "generate with Turbo instead, all in one graph.\n\n"
+        "1. The first TurboLoader loads Base (variant base: class images at 50 steps with CFG), the second Turbo. "
+        "With room for one model only, TurboBooth's cache lets Base go before Turbo loads.\n"
+        "2. PriorImageGen -> DreamBoothTrain -> CheckpointSave as in the DreamBooth workflow.\n"
+        "3. TurboSample applies the trained LoRA on Turbo at Turbo's 8 steps. For a Base-trained LoRA on Turbo, "
+        "put ComfyUI's z_image_turbo_distill_patch_lora_bf16.safetensors in models/loras and pick it as lora_file: "
+        "it stacks on the trained LoRA.\n\n"
+        "Model files: Base as the diffusers folder models/diffusers/Z-Image (Tongyi-MAI/Z-Image); Turbo as the "
+        "split files z_image_turbo_bf16.safetensors, qwen_3_4b.safetensors, ae.safetensors.",
+        size=(460, 440),
+    )
+    photos = [s.add("LoadImage", (20, 500 + 300 * i), dict(image=f"subject_{i + 1}.png"), title=f"Subject photo {i + 1}")
+              for i in range(3)]
+    batch = s.add("TurboBoothImageBatch", (360, 620), **{f"image{i + 1}": (p, "IMAGE") for i, p in enumerate(photos)})
+    base = s.add("TurboBoothLoader", (620, 20), {**LOADER_DIFFUSERS, "diffusers_model": "Z-Image", "variant": "base"},
+                 title="TurboLoader (Base)")
+    prior = s.add(
+        "TurboBoothPriorImageGen", (620, 420),
+        dict(class_prompt="a photo of a dog", count=50, seed=0, width=1024, height=1024, steps=0),
+        model=(base, "model"),
+    )
+    train = s.add(
+        "TurboBoothDreamBoothTrain", (1000, 20),
+        dict(instance_prompt="a photo of sks dog", class_prompt="a photo of a dog", steps=400, learning_rate=1e-4,
+             rank=16, resolution=1024, train_mode="lora", prior_loss_weight=1.0, seed=0, run_name="sks_dog_base",
+             validation_prompt="", validation_every=0, checkpoint_every=100, batch_size=1),
+        model=(base, "model"), instance_images=(batch, "IMAGE"), class_images=(prior, "class_images"),
+    )
+    s.add("TurboBoothCheckpointSave", (1400, 20), dict(name="sks_dog_base", overwrite=False), lora=(train, "lora"))
+    s.add("PreviewImage", (1000, 990), title="Loss", images=(train, "loss_plot"))
+    turbo = s.add("TurboBoothLoader", (1400, 200), {**LOADER_SPLIT, "variant": "turbo"}, title="TurboLoader (Turbo)")
+    sample = s.add(
+        "TurboBoothSample", (1800, 20),
+        dict(prompt="a photo of sks dog on a beach at sunset", seed=11, steps=0, width=1024, height=1024,
+             images_per_prompt=1, sampler="euler", shift=0.0, lora_strength=1.0, lora_file="(none)",
+             lora_file_strength=1.0),
+        model=(turbo, "model"), lora=(train, "lora"),
+    )
+    s.add("SaveImage", (2200, 20), dict(filename_prefix="turbobooth/base_to_turbo"), images=(sample, "images"))
+    return s
+
+
 def load_lora_and_generate() -> Spec:
     s = Spec("load_lora_and_generate", "Generate with a LoRA file")
     s.note(
@@ -406,7 +453,8 @@ def load_lora_and_generate() -> Spec:
     return s
 
 
-WORKFLOWS = [turbo_text_to_image, negative_prompt_cfg_batch, img2img_inpaint, dreambooth_end_to_end, load_lora_and_generate]
+WORKFLOWS = [turbo_text_to_image, negative_prompt_cfg_batch, img2img_inpaint, dreambooth_end_to_end,
+             base_train_turbo_sample, load_lora_and_generate]
 
 
 def render_all(object_info: dict) -> dict[str, str]:

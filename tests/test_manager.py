@@ -455,3 +455,29 @@ def test_cfg_settings_without_cfg_are_refused(zmodel):
         with pytest.raises(InvalidInputError, match="guidance scale 0"):
             small(zmodel, guidance=g)
     small(zmodel, guidance=Guidance(scales=(2.0,), cfg_normalization=1.5))  # with CFG on they act
+
+
+def test_base_goes_before_turbo_loads_when_only_one_fits(tiny):
+    """Train on Base, sample on Turbo with room for one model: the cache lets Base go before loading Turbo."""
+    from turbobooth.manager.loading import estimate_bytes
+
+    base_spec = ModelSpec(tiny["zimage_diffusers"], variant="base")
+    turbo_spec = ModelSpec(tiny["zimage_diffusers"], variant="turbo")
+    probe = load_model(base_spec)
+    local = cache_mod.ModelCache(budget_bytes=int(1.5 * max(probe.nbytes, estimate_bytes(turbo_spec))))
+    base = local.get(base_spec)
+    seen = []
+    real_load = local._load
+
+    def load(spec):
+        seen.append(cache_mod.is_released(base))  # what is in memory when Turbo's weights start loading
+        return real_load(spec)
+
+    local._load = load
+    turbo = local.get(turbo_spec)
+    assert seen == [True] and base_spec not in local and turbo_spec in local and len(local) == 1
+    assert base.variant == "base" and turbo.variant == "turbo" and turbo.defaults.steps == 8
+    roomy = cache_mod.ModelCache(budget_bytes=1 << 40)
+    roomy.get(base_spec), roomy.get(turbo_spec)
+    assert len(roomy) == 2  # with room for both, both stay
+    roomy.clear()

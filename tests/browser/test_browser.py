@@ -192,7 +192,7 @@ def test_workflows_load_and_run_without_the_extension(page_without_extension, co
         cp.dismiss_dialogs()
         by_id = {n["id"]: n for n in cp.nodes()}
         for node in nodes_of_type(wf, "TurboBoothLoader"):
-            assert len(by_id[node["id"]]["widgets"]) == 12  # all twelve, as before the extension
+            assert len(by_id[node["id"]]["widgets"]) == 13  # every widget shown (12 + the optional variant)
         for node in nodes_of_type(wf, "TurboBoothDreamBoothTrain"):
             assert cp.page.evaluate(f"app.graph.getNodeById({node['id']}).turbobooth === undefined")
     wf = load_workflow(os.path.join(WORKFLOWS_DIR, "Text to image with Z-Image-Turbo.json"))

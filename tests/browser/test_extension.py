@@ -28,7 +28,7 @@ PER_SOURCE = {
     "split files": ["diffusion_model", "text_encoder", "vae"],
     "single file": ["checkpoint"],
 }
-ALWAYS = ["source", "family", "dtype", "device", "offload"]
+ALWAYS = ["source", "family", "dtype", "device", "offload", "variant"]
 STEPS_A, STEPS_B = 120, 4
 
 SHOWN_JS = """(id) => { const n = app.graph.getNodeById(id);

@@ -39,6 +39,7 @@ SLUGS = {
     "Generate with a LoRA file": "load_lora_and_generate",
     "Image to image and inpainting": "img2img_inpaint",
     "Text to image with Z-Image-Turbo": "turbo_text_to_image",
+    "Train on Z-Image Base, sample on Turbo": "base_train_turbo_sample",
 }
 EXPECTED = sorted(SLUGS)
 REAL_MODEL_FILES = ("z_image_turbo_bf16.safetensors", "qwen_3_4b.safetensors", "ae.safetensors")
@@ -94,7 +95,8 @@ def test_workflow_file_is_valid_ui_format(name):
     for loader in loaders:
         values = loader["widgets_values"]
         assert values[0] in ("split files", "diffusers folder")
-        assert "Z-Image-Turbo" in values and all(f in values for f in REAL_MODEL_FILES), values
+        # the real model: Z-Image-Turbo, or Z-Image Base for the Base-training workflow's first loader
+        assert ("Z-Image-Turbo" in values or "Z-Image" in values) and all(f in values for f in REAL_MODEL_FILES), values
 
 
 @pytest.mark.parametrize("name", EXPECTED)
@@ -208,7 +210,7 @@ def test_workflow_runs_in_comfyui(name, comfy_host, comfy_server, host_tiny_mode
             assert os.path.isfile(png), png
             with Image.open(png) as im:
                 assert im.format == "PNG" and im.size == (W, H)
-    if SLUGS[name] == "dreambooth_end_to_end":
+    if SLUGS[name] in ("dreambooth_end_to_end", "base_train_turbo_sample"):
         [ckpt] = nodes_of_type(wf, "TurboBoothCheckpointSave")
         written = result.outputs[str(ckpt["id"])]["text"][0]
         assert os.path.isfile(written) and written.endswith(".safetensors"), written
