@@ -40,15 +40,18 @@ class Plan:
 
 # fastest first; auto takes the first that fits
 PLANS = {
-    "fast": Plan("fast", False, False, "adamw", False, "40 GB and more"),
+    "fast": Plan("fast", False, False, "adamw", False, "64 GB and more at 1024²"),
     "bf16_checkpointed": Plan("bf16_checkpointed", False, True, "adamw", True, "24 GB"),
     "fp8_checkpointed": Plan("fp8_checkpointed", True, True, "adamw8bit", True, "12-16 GB"),
 }
 
 # Activation bytes per token per block, kept for backward (bf16): about ACT_DIM values of width ``dim`` (norms,
-# q/k/v, attention output, residuals) and ACT_FFN of width ``ffn`` (the SwiGLU's three products). With
-# checkpointing a block keeps only its input (one ``dim``-wide value) and one block at a time recomputes the rest.
-ACT_DIM, ACT_FFN = 14.0, 3.0
+# q/k/v, attention output, residuals, LoRA inputs) and ACT_FFN of width ``ffn`` (the SwiGLU's products and w2's
+# input). With checkpointing a block keeps only its input (one ``dim``-wide value) and one block at a time
+# recomputes the rest; backward needs about BACKWARD_DIM more ``dim``-wide values per token once. Calibrated
+# against benchmarks/bench_memory.py's measured CPU steps (full-width blocks, 2026-12-01): ACT_DIM 26 / ACT_FFN 4
+# put the three plans 0.6-4.3 % above the measurement, on the safe side.
+ACT_DIM, ACT_FFN, BACKWARD_DIM = 26.0, 4.0, 9.0
 FIXED_BYTES = 1.0 * GB  # CUDA context, cuBLAS workspace, allocator slack
 CAPTION_TOKENS = 128  # a typical prompt after the chat template (the cap is 512)
 
@@ -59,6 +62,7 @@ class Shape:
 
     denoiser_params: int
     blocks: int  # main + refiner blocks
+    refiners: int  # noise refiner blocks (image tokens only); as many context refiners (caption tokens only)
     dim: int
     ffn: int
     lora_params: int  # trainable parameters of the LoRA at this rank
@@ -79,23 +83,30 @@ def shape_of(transformer_config: dict, rank: int, targets: tuple, encoder_params
             lora += rank * (module.in_features + module.out_features)
     ffn = model.layers[0].feed_forward.w1.out_features
     blocks = int(cfg["n_layers"]) + 2 * int(cfg["n_refiner_layers"])
-    return Shape(sum(p.numel() for p in model.parameters()), blocks, int(cfg["dim"]), ffn, lora, encoder_params)
+    return Shape(sum(p.numel() for p in model.parameters()), blocks, int(cfg["n_refiner_layers"]), int(cfg["dim"]), ffn,
+                 lora, encoder_params)
 
 
 def estimate(plan: Plan, shape: Shape, resolution: int, batch: int) -> dict:
     """Estimated peak bytes of one training step, by part."""
-    tokens = batch * ((resolution // 16) ** 2 + CAPTION_TOKENS)
-    per_block = tokens * (ACT_DIM * shape.dim + ACT_FFN * shape.ffn) * 2
+    image, caption = batch * (resolution // 16) ** 2, batch * CAPTION_TOKENS
+    main = shape.blocks - 2 * shape.refiners
+    # main blocks see image + caption tokens, noise refiners the image, context refiners the caption
+    block_tokens = main * (image + caption) + shape.refiners * (image + caption)
+    per_token = (ACT_DIM * shape.dim + ACT_FFN * shape.ffn) * 2
     if plan.gradient_checkpointing:
-        activations = shape.blocks * tokens * shape.dim * 2 + per_block
+        activations = block_tokens * shape.dim * 2 + (image + caption) * per_token
     else:
-        activations = shape.blocks * per_block
-    optimizer = shape.lora_params * (2 if plan.optimizer == "adamw8bit" else 8)
+        activations = block_tokens * per_token
+    activations += (image + caption) * BACKWARD_DIM * shape.dim * 2
+    weights = shape.denoiser_params * (1 if plan.quantize_base else 2)
+    if plan.quantize_base:  # layerwise casting keeps each running block's bf16 copy for backward
+        weights += 2 * shape.denoiser_params // (shape.blocks if plan.gradient_checkpointing else 1)
     parts = {
-        "weights": shape.denoiser_params * (1 if plan.quantize_base else 2),
+        "weights": weights,
         "encoders": 0 if plan.offload_encoders else shape.encoder_params * 2,
         "lora_weights_and_grads": shape.lora_params * 8,
-        "optimizer": optimizer,
+        "optimizer": shape.lora_params * (2 if plan.optimizer == "adamw8bit" else 8),
         "activations": int(activations),
         "fixed": int(FIXED_BYTES),
     }

@@ -65,6 +65,10 @@ class ComfyPage:
         for key, value in QUIET_SETTINGS.items():
             self.server.request("POST", f"/settings/{key}", value)
         self.page.goto(self.server.url + "/", timeout=timeout)
+        # a fresh page starts from nothing: the current frontend would otherwise restore the workflows an earlier
+        # test's page left in this browser's storage (and skip their missing-models dialog when loaded again)
+        self.page.evaluate("(() => { localStorage.clear(); sessionStorage.clear(); })()")
+        self.page.goto(self.server.url + "/", timeout=timeout)
         self.frontend = self.page.wait_for(READY_JS, timeout=timeout, what="ComfyUI frontend ready")
         if self.frontend == "modern":
             # the modern frontend restores or builds a start-up graph after it reports ready
