@@ -61,14 +61,16 @@ class ComfyPage:
         self.frontend = ""
 
     # ------------------------------------------------------------------ start-up
-    def open(self, timeout: float = 120) -> str:
+    def open(self, timeout: float = 120, fresh: bool = True) -> str:
+        """Open ComfyUI. ``fresh``: from empty browser storage (the current frontend would otherwise restore the
+        workflows an earlier test's page left there, and skip their missing-models dialog when loaded again);
+        ``fresh=False`` is a reload that keeps this page's own graph."""
         for key, value in QUIET_SETTINGS.items():
             self.server.request("POST", f"/settings/{key}", value)
         self.page.goto(self.server.url + "/", timeout=timeout)
-        # a fresh page starts from nothing: the current frontend would otherwise restore the workflows an earlier
-        # test's page left in this browser's storage (and skip their missing-models dialog when loaded again)
-        self.page.evaluate("(() => { localStorage.clear(); sessionStorage.clear(); })()")
-        self.page.goto(self.server.url + "/", timeout=timeout)
+        if fresh:
+            self.page.evaluate("(() => { localStorage.clear(); sessionStorage.clear(); })()")
+            self.page.goto(self.server.url + "/", timeout=timeout)
         self.frontend = self.page.wait_for(READY_JS, timeout=timeout, what="ComfyUI frontend ready")
         if self.frontend == "modern":
             # the modern frontend restores or builds a start-up graph after it reports ready

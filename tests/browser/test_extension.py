@@ -165,7 +165,7 @@ def test_dashboard_live_reload_and_two_trainings(comfy_page, comfy_server, comfy
     _write_doc(shot, "dashboard_live.png", comfy_host)
 
     # reload mid-run: the chart refills from the run's log and goes on
-    comfy_page.open()
+    comfy_page.open(fresh=False)
     refilled = page.wait_for(f"(({CHART_JS})({ids['a']}) || {{}}).points > 0", timeout=60, what="refilled chart")
     assert refilled
     page.wait_for(f"(({CHART_JS})({ids['a']}) || {{}}).points === {STEPS_A}", timeout=600, what="the whole run")
