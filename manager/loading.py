@@ -145,42 +145,39 @@ def _check_weights(where: str, files: list[str]) -> None:
         check_safetensors(f)
 
 
-def fingerprint(paths: list[str]) -> str:
-    """Identity of local weights: names, sizes and modification times (no hashing of gigabytes)."""
+def fingerprint(paths: list[str], exact_time: bool = False) -> str:
+    """Identity of local weights: names, sizes and modification times (no hashing of gigabytes); whole seconds
+    for the on-disk cache keys, nanoseconds (``exact_time``) to notice a file replaced in the same second."""
     h = hashlib.sha256()
     for p in sorted(paths):
         try:
             st = os.stat(p)
-            h.update(f"{os.path.abspath(p)}|{st.st_size}|{int(st.st_mtime)}".encode())
+            stamp = st.st_mtime_ns if exact_time else int(st.st_mtime)
+            h.update(f"{os.path.abspath(p)}|{st.st_size}|{stamp}".encode())
         except OSError:
             h.update(p.encode())
     return h.hexdigest()[:16]
 
 
+def _spec_files(spec: ModelSpec) -> list[str]:
+    """The local weight files of a spec (none for a hub repo)."""
+    kind = spec.resolved_kind()
+    if kind == "hub":
+        return []
+    files = _folder_weight_files(spec.source) if kind == "diffusers" else [spec.source, spec.text_encoder, spec.vae]
+    return [f for f in files if f]
+
+
 def file_stamp(spec: ModelSpec) -> str:
     """Sizes and modification times of the spec's local weight files: a file replaced at the same path
     changes it, so the cache and ComfyUI's IS_CHANGED load it again. Empty for hub repos."""
-    kind = spec.resolved_kind()
-    if kind == "hub":
-        return ""
-    files = _folder_weight_files(spec.source) if kind == "diffusers" else [spec.source, spec.text_encoder, spec.vae]
-    h = hashlib.sha256()
-    for p in sorted(f for f in files if f):
-        try:
-            st = os.stat(p)
-            h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode())
-        except OSError:
-            h.update(f"{p}|missing".encode())
-    return h.hexdigest()[:16]
+    files = _spec_files(spec)
+    return fingerprint(files, exact_time=True) if files else ""
 
 
 def estimate_bytes(spec: ModelSpec) -> int:
     """The size on disk of the spec's weight files: about what loading it will take (0 for hub repos)."""
-    kind = spec.resolved_kind()
-    if kind == "hub":
-        return 0
-    files = _folder_weight_files(spec.source) if kind == "diffusers" else [spec.source, spec.text_encoder, spec.vae]
-    return sum(os.path.getsize(f) for f in files if f and os.path.isfile(f))
+    return sum(os.path.getsize(f) for f in _spec_files(spec) if os.path.isfile(f))
 
 
 def _folder_weight_files(folder: str) -> list[str]:
