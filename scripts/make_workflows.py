@@ -336,6 +336,30 @@ def img2img_inpaint() -> Spec:
     return s
 
 
+def _photos_to_lora(s: Spec, loader_widgets: dict, loader_title: str | None, name: str) -> tuple[int, int]:
+    """3 photos -> ImageBatch, a TurboLoader -> PriorImageGen -> DreamBoothTrain -> CheckpointSave + loss preview;
+    returns (loader, train) node ids."""
+    photos = [s.add("LoadImage", (20, 500 + 300 * i), dict(image=f"subject_{i + 1}.png"), title=f"Subject photo {i + 1}")
+              for i in range(3)]
+    batch = s.add("TurboBoothImageBatch", (360, 620), **{f"image{i + 1}": (p, "IMAGE") for i, p in enumerate(photos)})
+    loader = s.add("TurboBoothLoader", (620, 20), loader_widgets, title=loader_title)
+    prior = s.add(
+        "TurboBoothPriorImageGen", (620, 420),
+        dict(class_prompt="a photo of a dog", count=50, seed=0, width=1024, height=1024, steps=0),
+        model=(loader, "model"),
+    )
+    train = s.add(
+        "TurboBoothDreamBoothTrain", (1000, 20),
+        dict(instance_prompt="a photo of sks dog", class_prompt="a photo of a dog", steps=400, learning_rate=1e-4,
+             rank=16, resolution=1024, train_mode="lora", prior_loss_weight=1.0, seed=0, run_name=name,
+             validation_prompt="", validation_every=0, checkpoint_every=100, batch_size=1),
+        model=(loader, "model"), instance_images=(batch, "IMAGE"), class_images=(prior, "class_images"),
+    )
+    s.add("TurboBoothCheckpointSave", (1400, 20), dict(name=name, overwrite=False), lora=(train, "lora"))
+    s.add("PreviewImage", (1000, 990), title="Loss", images=(train, "loss_plot"))
+    return loader, train
+
+
 def dreambooth_end_to_end() -> Spec:
     s = Spec("dreambooth_end_to_end", "DreamBooth from photos to a LoRA and new images")
     s.note(
@@ -353,24 +377,7 @@ def dreambooth_end_to_end() -> Spec:
         "de-distillation LoRA if you have one.\n\n" + MODEL_FILES_NOTE,
         size=(460, 440),
     )
-    photos = [s.add("LoadImage", (20, 500 + 300 * i), dict(image=f"subject_{i + 1}.png"), title=f"Subject photo {i + 1}")
-              for i in range(3)]
-    b2 = s.add("TurboBoothImageBatch", (360, 620), **{f"image{i + 1}": (p, "IMAGE") for i, p in enumerate(photos)})
-    loader = s.add("TurboBoothLoader", (620, 20), LOADER_SPLIT)
-    prior = s.add(
-        "TurboBoothPriorImageGen", (620, 420),
-        dict(class_prompt="a photo of a dog", count=50, seed=0, width=1024, height=1024, steps=0),
-        model=(loader, "model"),
-    )
-    train = s.add(
-        "TurboBoothDreamBoothTrain", (1000, 20),
-        dict(instance_prompt="a photo of sks dog", class_prompt="a photo of a dog", steps=400, learning_rate=1e-4,
-             rank=16, resolution=1024, train_mode="lora", prior_loss_weight=1.0, seed=0, run_name="sks_dog",
-             validation_prompt="", validation_every=0, checkpoint_every=100, batch_size=1),
-        model=(loader, "model"), instance_images=(b2, "IMAGE"), class_images=(prior, "class_images"),
-    )
-    s.add("TurboBoothCheckpointSave", (1400, 20), dict(name="sks_dog", overwrite=False), lora=(train, "lora"))
-    s.add("PreviewImage", (1000, 990), title="Loss", images=(train, "loss_plot"))
+    loader, train = _photos_to_lora(s, LOADER_SPLIT, None, "sks_dog")
     sample = s.add(
         "TurboBoothSample", (1400, 200),
         dict(prompt="a photo of sks dog on a beach at sunset\na photo of sks dog wearing a red scarf in the snow",
@@ -398,25 +405,8 @@ def base_train_turbo_sample() -> Spec:
         "split files z_image_turbo_bf16.safetensors, qwen_3_4b.safetensors, ae.safetensors.",
         size=(460, 440),
     )
-    photos = [s.add("LoadImage", (20, 500 + 300 * i), dict(image=f"subject_{i + 1}.png"), title=f"Subject photo {i + 1}")
-              for i in range(3)]
-    batch = s.add("TurboBoothImageBatch", (360, 620), **{f"image{i + 1}": (p, "IMAGE") for i, p in enumerate(photos)})
-    base = s.add("TurboBoothLoader", (620, 20), {**LOADER_DIFFUSERS, "diffusers_model": "Z-Image", "variant": "base"},
-                 title="TurboLoader (Base)")
-    prior = s.add(
-        "TurboBoothPriorImageGen", (620, 420),
-        dict(class_prompt="a photo of a dog", count=50, seed=0, width=1024, height=1024, steps=0),
-        model=(base, "model"),
-    )
-    train = s.add(
-        "TurboBoothDreamBoothTrain", (1000, 20),
-        dict(instance_prompt="a photo of sks dog", class_prompt="a photo of a dog", steps=400, learning_rate=1e-4,
-             rank=16, resolution=1024, train_mode="lora", prior_loss_weight=1.0, seed=0, run_name="sks_dog_base",
-             validation_prompt="", validation_every=0, checkpoint_every=100, batch_size=1),
-        model=(base, "model"), instance_images=(batch, "IMAGE"), class_images=(prior, "class_images"),
-    )
-    s.add("TurboBoothCheckpointSave", (1400, 20), dict(name="sks_dog_base", overwrite=False), lora=(train, "lora"))
-    s.add("PreviewImage", (1000, 990), title="Loss", images=(train, "loss_plot"))
+    _, train = _photos_to_lora(s, {**LOADER_DIFFUSERS, "diffusers_model": "Z-Image", "variant": "base"},
+                               "TurboLoader (Base)", "sks_dog_base")
     turbo = s.add("TurboBoothLoader", (1400, 200), {**LOADER_SPLIT, "variant": "turbo"}, title="TurboLoader (Turbo)")
     sample = s.add(
         "TurboBoothSample", (1800, 20),

@@ -119,6 +119,17 @@ def test_workflow_loads_in_the_frontend(name, comfy_page, comfy_server, comfy_ho
         _write_docs_and_thumbnail(shot, name)
 
 
+def _point_page_at_tiny_models(page, wf: dict, tiny: dict, prefix: str) -> dict:
+    """Set the loaded workflow's widgets in the page to the tiny models; returns its SaveImage node."""
+    for node_type, values in tiny_overrides(tiny, prefix).items():
+        for node in nodes_of_type(wf, node_type):
+            for widget, value in values.items():
+                page.set_widget(node["id"], widget, value)
+    [save] = nodes_of_type(wf, "SaveImage")
+    page.set_widget(save["id"], "filename_prefix", prefix)
+    return save
+
+
 @pytest.mark.slow
 def test_queue_text_to_image_from_the_page(comfy_page, comfy_server, host_tiny_models, artifacts_dir):
     """Load the text-to-image workflow, point it at the tiny models, press Queue, and see the image in the page."""
@@ -129,12 +140,7 @@ def test_queue_text_to_image_from_the_page(comfy_page, comfy_server, host_tiny_m
     comfy_page.dismiss_dialogs()
     comfy_page.page.wait_for("!document.querySelector('.p-dialog-mask, .p-dialog')", timeout=15, what="no dialog")
     prefix = unique_prefix("browser_t2i")
-    for node_type, values in tiny_overrides(host_tiny_models, prefix).items():
-        for node in nodes_of_type(wf, node_type):
-            for widget, value in values.items():
-                comfy_page.set_widget(node["id"], widget, value)
-    [save] = nodes_of_type(wf, "SaveImage")
-    comfy_page.set_widget(save["id"], "filename_prefix", prefix)
+    save = _point_page_at_tiny_models(comfy_page, wf, host_tiny_models, prefix)
     [sample] = nodes_of_type(wf, "TurboBoothSample")
     assert comfy_page.widget_value(sample["id"], "width") == W
 
@@ -203,12 +209,7 @@ def test_workflows_load_and_run_without_the_extension(page_without_extension, co
     cp.load(wf)
     prefix = unique_prefix("browser_noext")
     write_input_images(comfy_host.input_dir)
-    for node_type, values in tiny_overrides(host_tiny_models, prefix).items():
-        for node in nodes_of_type(wf, node_type):
-            for widget, value in values.items():
-                cp.set_widget(node["id"], widget, value)
-    [save] = nodes_of_type(wf, "SaveImage")
-    cp.set_widget(save["id"], "filename_prefix", prefix)
+    save = _point_page_at_tiny_models(cp, wf, host_tiny_models, prefix)
     cp.dismiss_dialogs()
     cp.page.wait_for("!document.querySelector('.p-dialog-mask, .p-dialog')", timeout=15, what="no dialog")
     before = set(comfy_server.get_json("/history"))
