@@ -159,7 +159,6 @@ def embed_cache(model: TurboModel) -> _EmbedCache:
     return cache
 
 
-
 def _noise(model: TurboModel, seeds: list[int], width: int, height: int, per_prompt: int):
     """Initial noise: prompt i draws its images from its own generator seeded with seed + i."""
     import torch
@@ -176,7 +175,6 @@ def _noise(model: TurboModel, seeds: list[int], width: int, height: int, per_pro
         g = torch.Generator("cpu").manual_seed(int(s))
         chunks.append(torch.randn(shape, generator=g, dtype=torch.float32))
     return torch.cat(chunks, dim=0)
-
 
 
 def _to_image_tensor(decoded):
@@ -199,7 +197,6 @@ def _decode(model: TurboModel, latents):
 def _encode_init(model: TurboModel, image):
     """ComfyUI IMAGE [B,H,W,C] 0..1 -> pipeline image tensor [B,3,H,W] in 0..1 (the pipeline normalises)."""
     return image[..., :3].permute(0, 3, 1, 2).float().clamp(0, 1)
-
 
 
 def _run_pipeline(model, p_emb, n_emb, scale, guidance, steps, width, height, latents, max_len, callback,
@@ -252,7 +249,6 @@ def _run_pipeline(model, p_emb, n_emb, scale, guidance, steps, width, height, la
     return sub(image=image, mask_image=m.unsqueeze(1), strength=float(denoise), generator=gens, **common).images
 
 
-
 def _sub_pipeline(model: TurboModel, task: str):
     """img2img / inpaint pipeline sharing the loaded components (built once per model)."""
     subs = model.extras.setdefault("pipelines", {})
@@ -262,8 +258,6 @@ def _sub_pipeline(model: TurboModel, task: str):
         sub.set_progress_bar_config(disable=True)
     sub.scheduler = model.pipe.scheduler
     return sub
-
-
 
 
 def _lora_key(loras) -> tuple:
@@ -318,17 +312,21 @@ def generate(
     max_sequence_length: int | None = None,
     on_step: Callable | None = None,
     should_stop: Callable[[], bool] | None = None,
+    preview: Callable | None = None,
 ) -> SampleResult:
     """Generate images; see the module docstring.
 
     ``prompts``: a list, or text with one prompt per line. Prompt ``i`` uses seed ``seed + i`` (mod 2**64)
     for its ``images_per_prompt`` images, so a prompt gives the same images whether it runs alone or in a batch;
     ``seed`` may also be a list with one seed per prompt.
+    ``on_step(step, total, shown)`` runs after every step; ``shown`` is None unless ``preview`` is given:
+    then ``preview(x0)`` runs first, on the first image's latent [1,C,h,w] (float32, model latent space; the
+    x0 estimate where the sampler allows, see :mod:`.previews`), and ``shown`` is what it returned.
     """
     job = _job(model, prompts, seed, steps, width, height, images_per_prompt, sampler, shift, guidance,
                init_image, denoise, mask, max_sequence_length)
     with model.lock, _adapters(model, loras):
-        return _run(model, job, list(loras), on_step, should_stop)
+        return _run(model, job, list(loras), on_step, should_stop, preview)
 
 
 def _scheduler_for(model: TurboModel, job: _Job):
@@ -343,8 +341,10 @@ def _scheduler_for(model: TurboModel, job: _Job):
     return schedulers.sd1_scheduler(dict(base.config), job.sampler, base)
 
 
-def _run(model: TurboModel, job: _Job, loras: list, on_step, should_stop) -> SampleResult:
+def _run(model: TurboModel, job: _Job, loras: list, on_step, should_stop, preview=None) -> SampleResult:
     import torch
+
+    from .previews import StepLatents
 
     pos = _encode(model, job.prompts, job.max_len, loras, should_stop)
     noise = _noise(model, job.seeds, job.width, job.height, job.per_prompt)
@@ -352,17 +352,19 @@ def _run(model: TurboModel, job: _Job, loras: list, on_step, should_stop) -> Sam
     for i, (_, scale) in enumerate(job.per):
         groups.setdefault(scale, []).append(i)
     total_steps, done = job.steps * len(groups), [0]
+    shown = StepLatents(preview) if preview is not None else None  # latent work only when previews are asked for
 
-    def callback(_pipe, i, t, kwargs):
+    def callback(pipe, i, t, kwargs):
         done[0] += 1
+        out = shown(pipe, kwargs["latents"]) if shown is not None else None
         if on_step is not None:
-            on_step(done[0], total_steps, None)
+            on_step(done[0], total_steps, out)
         if should_stop is not None and should_stop():
             raise Interrupted("generation was cancelled")
         return kwargs
 
     # diffusers gathers locals() for a callback on every step: pass none when nobody listens
-    cb = callback if on_step is not None or should_stop is not None else None
+    cb = callback if on_step is not None or should_stop is not None or shown is not None else None
     out_latents, per = [None] * len(job.prompts), job.per_prompt
     base_sched = model.pipe.scheduler
     try:
@@ -373,6 +375,8 @@ def _run(model: TurboModel, job: _Job, loras: list, on_step, should_stop) -> Sam
             rows = [i * per + j for i in idx for j in range(per)]
             p_emb = [pos[i] for i in idx for _ in range(per)]
             n_emb = [negs[k] for k, _ in enumerate(idx) for _ in range(per)] if cfg_on else None
+            if shown is not None:
+                shown.begin(noise[rows] if job.init_image is None else None)
             lat_out = _run_pipeline(model, p_emb, n_emb, scale, job.guidance, job.steps, job.width, job.height,
                                     noise[rows], job.max_len, cb, job.init_image, job.denoise, job.mask, rows,
                                     job.seeds, per)

@@ -139,8 +139,35 @@ def interrupted() -> bool:
     return mm is not None and bool(getattr(mm, "processing_interrupted", lambda: False)())
 
 
+#: ComfyUI's latent format of each family's latents (current ComfyUI previews Z-Image with Flux's)
+LATENT_FORMATS = {"sd1": "SD15", "zimage": "Flux"}
+
+
+def latent_previewer(model):
+    """``preview`` for ``generate``: ComfyUI's own latent preview (``--preview-method``) of the first image,
+    as the ``(format, image, size)`` its progress bar takes. None, so sampling does no latent work, when
+    previews are off (ComfyUI's default) or this ComfyUI has no latent format for the family."""
+    try:
+        import comfy.latent_formats
+        import latent_preview
+    except Exception:  # not inside ComfyUI
+        return None
+    fmt = getattr(comfy.latent_formats, LATENT_FORMATS.get(model.family, ""), lambda: None)()
+    try:
+        previewer = None if fmt is None else latent_preview.get_previewer(model.device, fmt)
+    except Exception:
+        logger.warning("ComfyUI's latent previewer could not be set up; sampling without previews", exc_info=True)
+        return None
+    if previewer is None:
+        return None
+    from ..manager.previews import GuardedPreview
+
+    decode = lambda x0: previewer.decode_latent_to_preview_image("JPEG", x0)  # noqa: E731
+    return GuardedPreview(decode, model.pipe.vae.config, fmt.scale_factor, getattr(fmt, "shift_factor", 0.0))
+
+
 class Progress:
-    """ComfyUI's progress bar as an ``on_step(step, total, preview)`` callback."""
+    """ComfyUI's progress bar as ``on_step(step, total, preview)``: a PIL image or ``(format, image, size)``."""
 
     def __init__(self, total: int, raise_on_interrupt: bool = True):
         self.total = max(int(total), 1)
@@ -161,8 +188,8 @@ class Progress:
         if total != self.total:
             self.total = total
             self.bar.total = total
-        pv = None
-        if preview is not None:
+        pv = preview
+        if preview is not None and not isinstance(preview, tuple):
             pv = ("PNG", preview.convert("RGB") if hasattr(preview, "convert") else preview, 512)
         try:
             self.bar.update_absolute(min(step, total), total, pv)

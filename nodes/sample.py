@@ -74,6 +74,7 @@ class TurboSample:
             height=int(height) if sized else None, images_per_prompt=int(images_per_prompt), sampler=sampler,
             shift=shift or None, guidance=guidance, loras=loras, init_image=init_image, denoise=denoise, mask=mask,
             on_step=host.Progress(steps or model.defaults.steps), should_stop=host.interrupted,
+            preview=host.latent_previewer(model),
         )
         return (result.images, {"samples": result.latents})
 

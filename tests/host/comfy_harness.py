@@ -280,9 +280,11 @@ def run_inprocess(
     extra_data: dict | None = None,
     timeout: float = PROMPT_TIMEOUT,
     output_dir: str | None = None,
+    comfy_flags: Sequence[str] = (),
 ) -> RunnerResult:
     """Start one ComfyUI process, run ``prompts`` (one or several, in order, sharing the
     executor and its caches) through ``PromptExecutor``, and return the results.
+    ``comfy_flags`` go on ComfyUI's command line after the usual ones (e.g. ``--preview-method``).
 
     Raises HostError if the process crashes, times out or ComfyUI fails to start;
     a prompt that fails to validate or execute is reported in its PromptResult.
@@ -310,6 +312,7 @@ def run_inprocess(
         with open(job_path, "w", encoding="utf-8") as f:
             json.dump(job, f)
         cmd = [host.python, RUNNER, "--job", job_path, "--result", result_path, "--", *host.comfy_args(out_dir)]
+        cmd += list(comfy_flags)
         with open(log_path, "w", encoding="utf-8") as log:
             try:
                 proc = subprocess.run(
