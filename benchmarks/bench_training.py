@@ -29,6 +29,25 @@ fails with prior preservation on the tiny model (diffusers' Z-Image script
 does), both sides of that comparison run without it and the output says so;
 any other failure prints ``skipped (reason)``.
 
+**Memory options on** (lines ``zimage_memory_options_*``; ``--skip-memory-options`` leaves them out,
+``--only-memory-options`` runs nothing else). The Z-Image script with ``--gradient_checkpointing
+--use_8bit_adam --cache_latents`` against TurboBooth with ``gradient_checkpointing=True``,
+``optimizer="adamw8bit"`` (both bitsandbytes' ``AdamW8bit``), ``memory="none"`` (the options as given) and its
+latents cached as always. For a quantized frozen base the script offers ``--bnb_quantization_config_path``
+(here ``{"load_in_8bit": true}``) and TurboBooth the model loaded with dtype ``fp8_e4m3fn`` (8-bit storage,
+diffusers' layerwise casting). Two 2-step runs of the script first show whether its quantized-base path and its
+prior-preservation path run here; an option the script cannot run is printed ``skipped (reason)`` and both sides
+run without it (diffusers' bitsandbytes quantizer needs a GPU); TurboBooth then also runs with its fp8 base, as
+``turbobooth_fp8_base``, compared with its own run without it. Every run of this case records, at its first
+optimizer step, the optimizer's class and state dtypes and the trained denoiser (checkpointing flag, frozen
+weights by storage dtype, layerwise-casting hooks, bitsandbytes layers), and counts
+``torch.utils.checkpoint.checkpoint`` and ``AutoencoderKL.encode`` calls per step; a run that did not use one
+of its options is reported as skipped with what it ran without, so no ratio compares unlike runs. The time
+the first-step record takes is left out of the step times.
+
+Every child runs with ``CUDA_VISIBLE_DEVICES`` empty: the scripts' ``Accelerator`` would otherwise move their
+models to a GPU while TurboBooth trains on the CPU.
+
 Before the training rounds each script runs once per round with an empty
 class-image folder (``--max_train_steps 2``): that times the script's own
 class-image step (its pipeline calls, at its own settings: the pipeline's
@@ -400,6 +419,7 @@ def child_env(threads: int) -> dict:
         HF_HUB_DISABLE_TELEMETRY="1",
         TB_BENCH_THREADS=str(threads),
         PYTHONUNBUFFERED="1",
+        CUDA_VISIBLE_DEVICES="",  # every side on the CPU, whatever the machine has
     )
     return env
 
@@ -494,7 +514,10 @@ def launch(out_path: str, target: str, argv: list) -> None:
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
         set_threads(int(os.environ.get("TB_BENCH_THREADS", "1")))
-        register_optimizer_step_post_hook(lambda _opt, _a, _k: record["stamps"].append(now()))
+        if os.environ.get("TB_BENCH_INSPECT") == "1":
+            register_optimizer_step_post_hook(inspecting_stamper(record))
+        else:
+            register_optimizer_step_post_hook(lambda _opt, _a, _k: record["stamps"].append(now()))
         time_pipeline_calls(record["calls"])
         if target == "turbobooth":
             run_turbobooth_cli(json.loads(argv[0]))
@@ -514,6 +537,86 @@ def launch(out_path: str, target: str, argv: list) -> None:
         record["peak_rss_mib"] = peak_rss_mib()
         with open(out_path, "w", encoding="utf-8") as f:
             json.dump(record, f)
+
+
+def inspecting_stamper(record: dict):
+    """The step hook of the memory-options case. Besides the stamps it keeps, per step, how many
+    ``torch.utils.checkpoint.checkpoint`` calls and ``AutoencoderKL.encode`` calls ran so far, and at the first
+    step what the optimizer and the trained denoiser are (see :func:`inspect_first_step`); the time that takes is
+    left out of every later stamp."""
+    import torch.utils.checkpoint as cp
+    from diffusers import AutoencoderKL
+
+    counts = {"checkpoint": 0, "encode": 0}
+
+    def counting(fn, key):
+        @functools.wraps(fn)
+        def wrapper(*a, **k):
+            counts[key] += 1
+            return fn(*a, **k)
+
+        return wrapper
+
+    # diffusers' models look the function up at each call (torch.utils.checkpoint.checkpoint), so both sides count
+    cp.checkpoint = counting(cp.checkpoint, "checkpoint")
+    AutoencoderKL.encode = counting(AutoencoderKL.encode, "encode")
+    record.update(checkpoint_calls=[], encode_calls=[])
+    offset = [0.0, 0.0]
+
+    def hook(opt, _args, _kwargs):
+        wall, cpu = now()
+        record["stamps"].append((wall - offset[0], cpu - offset[1]))
+        record["checkpoint_calls"].append(counts["checkpoint"])
+        record["encode_calls"].append(counts["encode"])
+        if len(record["stamps"]) == 1:
+            record["inspect"] = inspect_first_step(opt)
+            after = now()
+            offset[0] += after[0] - wall
+            offset[1] += after[1] - cpu
+
+    return hook
+
+
+def inspect_first_step(opt) -> dict:
+    """The optimizer's class and state dtypes, and the trained denoiser (the diffusers model with trainable
+    parameters): checkpointing on, frozen weights by storage dtype, layerwise-casting hooks, bitsandbytes layers."""
+    import collections
+    import gc
+
+    import torch
+    from diffusers.models.modeling_utils import ModelMixin
+
+    inner = getattr(opt, "optimizer", opt)  # accelerate's wrapper holds the real one
+    states = [
+        v for st in inner.state.values() for k, v in st.items() if k in ("state1", "state2", "exp_avg", "exp_avg_sq")
+    ]
+    out = {
+        "optimizer": f"{type(inner).__module__}.{type(inner).__qualname__}",
+        "min_8bit_size": getattr(getattr(inner, "args", None), "min_8bit_size", None),  # bitsandbytes only
+        "optimizer_state_dtypes": dict(
+            collections.Counter(str(v.dtype).removeprefix("torch.") for v in states if torch.is_tensor(v))
+        ),
+    }
+    trained = [
+        o for o in gc.get_objects() if isinstance(o, ModelMixin) and any(p.requires_grad for p in o.parameters())
+    ]
+    if len(trained) != 1:
+        out["denoiser"] = f"{len(trained)} diffusers models with trainable parameters"
+        return out
+    model = trained[0]
+    frozen: collections.Counter = collections.Counter()
+    for p in model.parameters():
+        if not p.requires_grad:
+            frozen[str(p.dtype).removeprefix("torch.")] += p.numel() * p.element_size()
+    hooks = [getattr(m, "_diffusers_hook", None) for m in model.modules()]
+    out.update(
+        denoiser=type(model).__name__,
+        denoiser_checkpointing=bool(model.is_gradient_checkpointing),
+        frozen_bytes=dict(frozen),
+        layerwise_cast_modules=sum(1 for h in hooks if h is not None and h.get_hook("layerwise_casting") is not None),
+        quantized_modules=sum(1 for m in model.modules() if type(m).__name__ in ("Linear8bitLt", "Linear4bit")),
+    )
+    return out
 
 
 def time_pipeline_calls(calls: list) -> None:
@@ -565,6 +668,7 @@ def run_turbobooth_cli(spec: dict) -> None:
 
     quiet()
     prior = spec["class_dir"] is not None
+    options = {k: spec[k] for k in ("gradient_checkpointing", "optimizer", "memory") if k in spec}
     config = TrainConfig(
         family=spec["family"],
         instance_prompt=INSTANCE_PROMPT,
@@ -580,8 +684,15 @@ def run_turbobooth_cli(spec: dict) -> None:
         seed=SEED,
         output_dir=spec["output_dir"],
         log_tensorboard=spec["log_tensorboard"],
+        **options,
     )
-    model = load_pipeline_model(spec["model"], spec["family"], None, "cpu")
+    if spec.get("dtype", "auto") == "auto":
+        model = load_pipeline_model(spec["model"], spec["family"], None, "cpu")
+    else:  # the CLI has no dtype: TurboLoader's load with the dtype (fp8_e4m3fn: 8-bit storage, layerwise casting)
+        from turbobooth.manager.loading import load_model
+        from turbobooth.manager.spec import ModelSpec
+
+        model = load_model(ModelSpec(source=spec["model"], family=spec["family"], device="cpu", dtype=spec["dtype"]))
     result = train(model, config, spec["instance_dir"], class_images=spec["class_dir"])
     save_lora_file(result.lora, os.path.join(spec["output_dir"], "lora.safetensors"))
 
@@ -594,13 +705,16 @@ def failure_reason(text: str, returncode) -> str:
     return (lines[-1] if lines else f"exit status {returncode}")[:300]
 
 
-def spawn(target: str, argv: list, workdir: str, tag: str, args) -> dict:
-    """Run the launcher in a child; its record (optimizer-step stamps, pipeline calls, peak RSS, error)."""
+def spawn(target: str, argv: list, workdir: str, tag: str, args, env: dict | None = None) -> dict:
+    """Run the launcher in a child (``env``: variables added to its environment); its record (optimizer-step
+    stamps, pipeline calls, peak RSS, error)."""
     out, log = os.path.join(workdir, f"{tag}.json"), os.path.join(workdir, f"{tag}.log")
     cmd = [sys.executable, os.path.abspath(__file__), "--launch", out, target, *argv]
     timed_out = False
     with open(log, "w", encoding="utf-8") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=child_env(args.threads), cwd=workdir)
+        proc = subprocess.Popen(
+            cmd, stdout=f, stderr=subprocess.STDOUT, env={**child_env(args.threads), **(env or {})}, cwd=workdir
+        )
         try:
             proc.wait(timeout=args.child_timeout)
         except subprocess.TimeoutExpired:
@@ -622,6 +736,11 @@ def spawn(target: str, argv: list, workdir: str, tag: str, args) -> dict:
     record.update(step_stats(record["stamps"], args.warmup))
     first = record["stamps"][0][0] - record["t0"] if record["stamps"] else float("nan")
     record["to_first_step_s"] = first
+    if record.get("checkpoint_calls"):  # the memory-options case: per-step counts after the first step
+        n = len(record["checkpoint_calls"]) - 1
+        diff = record["checkpoint_calls"][-1] - record["checkpoint_calls"][0]
+        record["checkpoint_calls_per_step"] = diff / n if n else record["checkpoint_calls"][0]
+        record["vae_encodes_after_first_step"] = record["encode_calls"][-1] - record["encode_calls"][0]
     return record
 
 
@@ -795,67 +914,75 @@ def bench_scripts(args, class_step: dict) -> None:
     work = tempfile.mkdtemp(prefix="tb-bench-scripts-")
     try:
         inputs = write_inputs(work)
-        sides = ("turbobooth", "diffusers_script")
-        runs: dict = {(f, s): [] for f in SCRIPTS for s in sides}
-        state = {f: {"prior": True, "note": "on", "skip": None} for f in SCRIPTS}
-        for family, name in SCRIPTS.items():
-            if not os.path.isfile(os.path.join(examples, name)):
-                state[family]["skip"] = f"{name} not found in {examples}"
-        n = 0
-        for r in range(args.rounds):
-            for family, name in SCRIPTS.items():
-                st = state[family]
-                if st["skip"]:
-                    continue
-                try:
-                    n = script_round(
-                        args,
-                        family,
-                        os.path.join(examples, name),
-                        inputs,
-                        work,
-                        report_to,
-                        log_tb,
-                        st,
-                        runs,
-                        class_step,
-                        r,
-                        n,
-                    )
-                except Exception as e:  # the bench reports, it does not crash
-                    st["skip"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-        for family in SCRIPTS:
-            st = state[family]
-            if st["skip"]:
-                emit(f"{family}_diffusers_script", f"skipped ({st['skip']})")
-                continue
-            emit(f"{family}_diffusers_script", SCRIPTS[family])
-            emit(f"{family}_script_comparison_prior_preservation", st["note"])
-            if family == "sd1":
-                emit(
-                    "sd1_script_comparison_note",
-                    "train_dreambooth_lora.py has no latent cache: it runs vae.encode "
-                    "at every step, TurboBooth encodes once; it also reloads the pipeline after saving the LoRA",
-                )
-            for side in sides:
-                recs = [x for x in runs[(family, side)] if x]
-                if not recs:
-                    emit(f"{family}_script_comparison_{side}", f"skipped ({st.get('errors', {}).get(side)})")
-                    continue
-                for key in ("step_s", "step_cpu_s", "to_first_step_s", "peak_rss_mib"):
-                    emit(f"{family}_script_comparison_{key}_{side}", statistics.median(x[key] for x in recs))
-            tb, sc = runs[(family, "turbobooth")], runs[(family, "diffusers_script")]
-            if any(tb) and any(sc):
-                tag = f"{family}_turbobooth_vs_diffusers_script"
-                emit_spread(f"{tag}_step_time_ratio", ratios(tb, sc, "step_s"))
-                emit_spread(f"{tag}_step_cpu_time_ratio", ratios(tb, sc, "step_cpu_s"))
-                emit_spread(f"{tag}_peak_rss_ratio", ratios(tb, sc, "peak_rss_mib"))
-                emit_spread(f"{tag}_to_first_step_ratio", ratios(tb, sc, "to_first_step_s"))
+        if not args.only_memory_options:
+            plain_scripts(args, examples, inputs, work, report_to, log_tb, class_step)
+        if not args.skip_memory_options:
+            bench_memory_options(args, examples, inputs, work, report_to, log_tb)
     finally:
         if args.keep_work:
             emit("diffusers_scripts_workdir", work)
         else:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def plain_scripts(args, examples, inputs, work, report_to, log_tb, class_step) -> None:
+    """Both scripts at the default options against TurboBooth at the same settings."""
+    sides = ("turbobooth", "diffusers_script")
+    runs: dict = {(f, s): [] for f in SCRIPTS for s in sides}
+    state = {f: {"prior": True, "note": "on", "skip": None} for f in SCRIPTS}
+    for family, name in SCRIPTS.items():
+        if not os.path.isfile(os.path.join(examples, name)):
+            state[family]["skip"] = f"{name} not found in {examples}"
+    n = 0
+    for r in range(args.rounds):
+        for family, name in SCRIPTS.items():
+            st = state[family]
+            if st["skip"]:
+                continue
+            try:
+                n = script_round(
+                    args,
+                    family,
+                    os.path.join(examples, name),
+                    inputs,
+                    work,
+                    report_to,
+                    log_tb,
+                    st,
+                    runs,
+                    class_step,
+                    r,
+                    n,
+                )
+            except Exception as e:  # the bench reports, it does not crash
+                st["skip"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+    for family in SCRIPTS:
+        st = state[family]
+        if st["skip"]:
+            emit(f"{family}_diffusers_script", f"skipped ({st['skip']})")
+            continue
+        emit(f"{family}_diffusers_script", SCRIPTS[family])
+        emit(f"{family}_script_comparison_prior_preservation", st["note"])
+        if family == "sd1":
+            emit(
+                "sd1_script_comparison_note",
+                "train_dreambooth_lora.py has no latent cache: it runs vae.encode "
+                "at every step, TurboBooth encodes once; it also reloads the pipeline after saving the LoRA",
+            )
+        for side in sides:
+            recs = [x for x in runs[(family, side)] if x]
+            if not recs:
+                emit(f"{family}_script_comparison_{side}", f"skipped ({st.get('errors', {}).get(side)})")
+                continue
+            for key in ("step_s", "step_cpu_s", "to_first_step_s", "peak_rss_mib"):
+                emit(f"{family}_script_comparison_{key}_{side}", statistics.median(x[key] for x in recs))
+        tb, sc = runs[(family, "turbobooth")], runs[(family, "diffusers_script")]
+        if any(tb) and any(sc):
+            tag = f"{family}_turbobooth_vs_diffusers_script"
+            emit_spread(f"{tag}_step_time_ratio", ratios(tb, sc, "step_s"))
+            emit_spread(f"{tag}_step_cpu_time_ratio", ratios(tb, sc, "step_cpu_s"))
+            emit_spread(f"{tag}_peak_rss_ratio", ratios(tb, sc, "peak_rss_mib"))
+            emit_spread(f"{tag}_to_first_step_ratio", ratios(tb, sc, "to_first_step_s"))
 
 
 def script_round(args, family, script, inputs, work, report_to, log_tb, st, runs, class_step, r, n) -> int:
@@ -927,6 +1054,218 @@ def script_round(args, family, script, inputs, work, report_to, log_tb, st, runs
         else:
             runs[(family, side)].append(rec)
     return n
+
+
+# --------------------------------------------------------------------------- memory options on, both sides
+
+MEMORY_FAMILY = "zimage"
+MEMORY_TAG = "zimage_memory_options"
+MEMORY_SIDES = ("turbobooth", "diffusers_script", "turbobooth_fp8_base")
+BNB_CONFIG = {"load_in_8bit": True}  # the script's quantized base: bitsandbytes LLM.int8 storage of the DiT
+MEMORY_FLAGS = ["--gradient_checkpointing", "--use_8bit_adam"]  # --cache_latents is in script_argv already
+
+
+def memory_script_argv(inputs: dict, class_dir, steps: int, out_dir: str, report_to: str, bnb_path) -> list:
+    argv = script_argv(
+        MEMORY_FAMILY,
+        inputs[f"{MEMORY_FAMILY}_model"],
+        inputs["instance_dir"],
+        class_dir,
+        N_CLASS,
+        steps,
+        out_dir,
+        report_to,
+    )
+    argv += MEMORY_FLAGS
+    if bnb_path:
+        argv += ["--bnb_quantization_config_path", bnb_path]
+    return argv
+
+
+def memory_turbobooth_spec(inputs: dict, class_dir, steps: int, out_dir: str, log_tb: bool, fp8: bool) -> dict:
+    """TurboBooth with the same options: checkpointing, bitsandbytes' AdamW8bit, and (``fp8``) the frozen base
+    stored in fp8 (TurboLoader dtype ``fp8_e4m3fn``, diffusers' layerwise casting); latents are always cached."""
+    return {
+        "family": MEMORY_FAMILY,
+        "model": inputs[f"{MEMORY_FAMILY}_model"],
+        "steps": steps,
+        "instance_dir": inputs["instance_dir"],
+        "class_dir": class_dir,
+        "output_dir": out_dir,
+        "log_tensorboard": log_tb,
+        "gradient_checkpointing": True,
+        "optimizer": "adamw8bit",
+        "memory": "none",  # the options exactly as given, no plan on top
+        "dtype": "fp8_e4m3fn" if fp8 else "auto",
+    }
+
+
+def fp8_training_note() -> str:
+    import importlib.util
+
+    have = "installed" if importlib.util.find_spec("torchao") else "not installed"
+    return (
+        "not used (the script's --do_fp8_training converts the DiT's linears to torchao Float8 training: fp8 "
+        f"compute on an sm89+ GPU, not 8-bit storage of a frozen base; torchao is {have})"
+    )
+
+
+def memory_probes(args, script: str, inputs: dict, work: str, report_to: str, bnb_path: str) -> dict:
+    """Two 2-step runs of the script, once: does its quantized-base path run here, and its prior-preservation path
+    with the memory flags on. Both sides then run with what the script can do."""
+    state = {"quantized": None, "prior": True, "note": "on", "skip": None}
+    env = {"TB_BENCH_INSPECT": "1"}
+    out = os.path.join(work, "mem_probe_quant")
+    rec = spawn(
+        script, memory_script_argv(inputs, None, 2, out, report_to, bnb_path), work, "mem_probe_quant", args, env
+    )
+    if rec["error"]:
+        state["quantized"] = (
+            f"diffusers' script with --bnb_quantization_config_path {json.dumps(BNB_CONFIG)}: {rec['error']}"
+        )
+    quant = bnb_path if state["quantized"] is None else None
+    out = os.path.join(work, "mem_probe_prior")
+    argv = memory_script_argv(inputs, inputs[f"{MEMORY_FAMILY}_class_dir"], 2, out, report_to, quant)
+    rec = spawn(script, argv, work, "mem_probe_prior", args, env)
+    if rec["error"]:
+        state["prior"] = False
+        state["note"] = (
+            f"off (diffusers' script fails with prior preservation and the memory options on the tiny model: "
+            f"{rec['error']}); both sides of this comparison run without it"
+        )
+    return state
+
+
+def memory_check(rec: dict, side: str, quantized: bool) -> str | None:
+    """Why a run did not use the options it was given (None: it used them all)."""
+    seen = rec.get("inspect") or {}
+    if not seen:
+        return "no record of the first step (optimizer, denoiser)"
+    missing = []
+    if not seen.get("optimizer", "").endswith("AdamW8bit"):
+        missing.append(f"8-bit AdamW (its optimizer was {seen.get('optimizer')})")
+    if "denoiser_checkpointing" not in seen:
+        missing.append(f"a single trained denoiser to inspect ({seen.get('denoiser')})")
+    elif not seen["denoiser_checkpointing"] or not rec.get("checkpoint_calls_per_step"):
+        missing.append("gradient checkpointing")
+    if rec.get("vae_encodes_after_first_step"):
+        missing.append(f"cached latents ({rec['vae_encodes_after_first_step']} VAE encodes after step 1)")
+    if quantized and side != "diffusers_script" and not seen.get("layerwise_cast_modules"):
+        missing.append("the fp8-stored base (no layerwise-casting hooks on the denoiser)")
+    if quantized and side == "diffusers_script" and not seen.get("quantized_modules"):
+        missing.append("the quantized base (no bitsandbytes layers in the denoiser)")
+    return f"{side} ran without " + ", ".join(missing) if missing else None
+
+
+def memory_round(args, script, inputs, work, report_to, log_tb, state, bnb_path, runs, r) -> None:
+    """One round of the memory-options case: the sides in an order that rotates per round."""
+    class_dir = inputs[f"{MEMORY_FAMILY}_class_dir"] if state["prior"] else None
+    quantized = state["quantized"] is None
+    sides = [s for s in MEMORY_SIDES if s != "turbobooth_fp8_base" or not quantized]
+    k = r % len(sides)
+    for side in sides[k:] + sides[:k]:
+        tag = f"mem_{side}_{r}"
+        out_dir = os.path.join(work, tag)
+        if side == "diffusers_script":
+            argv = memory_script_argv(
+                inputs, class_dir, args.steps, out_dir, report_to, bnb_path if quantized else None
+            )
+            target = script
+        else:
+            fp8 = quantized or side == "turbobooth_fp8_base"
+            argv = [json.dumps(memory_turbobooth_spec(inputs, class_dir, args.steps, out_dir, log_tb, fp8))]
+            target = "turbobooth"
+        rec = spawn(target, argv, work, tag, args, {"TB_BENCH_INSPECT": "1"})
+        why = rec["error"] or (f"only {rec['steps']} steps" if rec["steps"] < args.steps else None)
+        why = why or memory_check(rec, side, quantized or side == "turbobooth_fp8_base")
+        runs[side].append(None if why else rec)
+        if why:
+            state.setdefault("errors", {})[side] = why
+
+
+def emit_memory_setup(state: dict) -> None:
+    quant = state["quantized"]
+    script_flags = " ".join(MEMORY_FLAGS + ["--cache_latents"])
+    if quant is None:
+        script_flags += f" --bnb_quantization_config_path ({json.dumps(BNB_CONFIG)})"
+    emit(f"{MEMORY_TAG}_diffusers_script", f"{SCRIPTS[MEMORY_FAMILY]} {script_flags}")
+    emit(
+        f"{MEMORY_TAG}_turbobooth",
+        "gradient_checkpointing=True, optimizer='adamw8bit', memory='none', latents cached (always)"
+        + (", model dtype fp8_e4m3fn" if quant is None else ""),
+    )
+    emit(f"{MEMORY_TAG}_gradient_checkpointing", "on (--gradient_checkpointing / gradient_checkpointing=True)")
+    emit(f"{MEMORY_TAG}_8bit_adamw", "on (--use_8bit_adam / optimizer='adamw8bit': bitsandbytes.optim.AdamW8bit)")
+    emit(f"{MEMORY_TAG}_cached_latents", "on (--cache_latents / TurboBooth always)")
+    if quant is None:
+        emit(
+            f"{MEMORY_TAG}_quantized_base",
+            f"on (script: bitsandbytes {json.dumps(BNB_CONFIG)}; TurboBooth: fp8_e4m3fn)",
+        )
+    else:
+        emit(f"{MEMORY_TAG}_quantized_base", f"skipped ({quant}); both sides of this comparison run without it")
+    emit(f"{MEMORY_TAG}_fp8_training", fp8_training_note())
+    emit(f"{MEMORY_TAG}_prior_preservation", state["note"])
+
+
+def emit_memory_checks(side: str, rec: dict) -> None:
+    """What the first step of one run showed: the options were really on."""
+    seen = rec["inspect"]
+    states = seen.get("optimizer_state_dtypes", {})
+    eight = states.get("uint8", 0)
+    small = seen.get("min_8bit_size")
+    note = (
+        f"; bitsandbytes keeps the states of tensors under {small} elements in 32 bits, and every LoRA tensor of "
+        "the tiny model is smaller"
+    )
+    note = "" if eight else note
+    emit(
+        f"{MEMORY_TAG}_optimizer_{side}", f"{seen['optimizer']} (8-bit states: {eight} of {sum(states.values())}{note})"
+    )
+    emit(f"{MEMORY_TAG}_checkpointed_blocks_per_step_{side}", rec["checkpoint_calls_per_step"])
+    emit(f"{MEMORY_TAG}_vae_encodes_after_first_step_{side}", rec["vae_encodes_after_first_step"])
+    weights = ", ".join(f"{k} {v / 2**20:.3f} MiB" for k, v in sorted(seen["frozen_bytes"].items()))
+    extra = []
+    if seen.get("layerwise_cast_modules"):
+        extra.append(f"{seen['layerwise_cast_modules']} layerwise-cast modules")
+    if seen.get("quantized_modules"):
+        extra.append(f"{seen['quantized_modules']} bitsandbytes layers")
+    emit(f"{MEMORY_TAG}_frozen_denoiser_weights_{side}", weights + (f" ({', '.join(extra)})" if extra else ""))
+
+
+def bench_memory_options(args, examples: str, inputs: dict, work: str, report_to: str, log_tb: bool) -> None:
+    """Z-Image with the memory options on, on both sides: TurboBooth against diffusers' script."""
+    script = os.path.join(examples, SCRIPTS[MEMORY_FAMILY])
+    if not os.path.isfile(script):
+        emit(MEMORY_TAG, f"skipped ({SCRIPTS[MEMORY_FAMILY]} not found in {examples})")
+        return
+    bnb_path = os.path.join(work, "bnb_config.json")
+    with open(bnb_path, "w", encoding="utf-8") as f:
+        json.dump(BNB_CONFIG, f)
+    state = memory_probes(args, script, inputs, work, report_to, bnb_path)
+    emit_memory_setup(state)
+    runs: dict = {s: [] for s in MEMORY_SIDES}
+    for r in range(args.rounds):
+        memory_round(args, script, inputs, work, report_to, log_tb, state, bnb_path, runs, r)
+    for side in MEMORY_SIDES:
+        recs = [x for x in runs[side] if x]
+        if not recs:
+            if side in state.get("errors", {}):
+                emit(f"{MEMORY_TAG}_{side}", f"skipped ({state['errors'][side]})")
+            continue
+        emit_memory_checks(side, recs[0])
+        for key in ("step_s", "step_cpu_s", "to_first_step_s", "peak_rss_mib"):
+            emit(f"{MEMORY_TAG}_{key}_{side}", statistics.median(x[key] for x in recs))
+    tb, sc, fp8 = runs["turbobooth"], runs["diffusers_script"], runs["turbobooth_fp8_base"]
+    pairs = [("turbobooth_vs_diffusers_script", tb, sc), ("turbobooth_fp8_base_vs_turbobooth", fp8, tb)]
+    for name, num, den in pairs:
+        if any(num) and any(den):
+            tag = f"{MEMORY_TAG}_{name}"
+            emit_spread(f"{tag}_step_time_ratio", ratios(num, den, "step_s"))
+            emit_spread(f"{tag}_step_cpu_time_ratio", ratios(num, den, "step_cpu_s"))
+            emit_spread(f"{tag}_peak_rss_ratio", ratios(num, den, "peak_rss_mib"))
+            if name.endswith("diffusers_script"):
+                emit_spread(f"{tag}_to_first_step_ratio", ratios(num, den, "to_first_step_s"))
 
 
 # --------------------------------------------------------------------------- class images
@@ -1062,6 +1401,15 @@ def main() -> None:
     parser.add_argument("--skip-own-loop", action="store_true", help="leave out the in-process own-loop cases")
     parser.add_argument("--skip-scripts", action="store_true", help="leave out diffusers' scripts")
     parser.add_argument("--skip-priors", action="store_true", help="leave out the class-image timings")
+    parser.add_argument(
+        "--skip-memory-options", action="store_true", help="leave out the Z-Image comparison with the memory options on"
+    )
+    parser.add_argument(
+        "--only-memory-options",
+        action="store_true",
+        help="run only the Z-Image comparison with the memory options on (no own loop, no class images, "
+        "no comparison at the default options)",
+    )
     parser.add_argument("--keep-work", action="store_true", help="keep the scripts' work folder (logs, outputs)")
     parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -1071,6 +1419,8 @@ def main() -> None:
     args.rounds = args.rounds or (2 if q else 3)
     args.prior_images = args.prior_images or (4 if q else 8)
     args.prior_rounds = args.prior_rounds or (3 if q else 5)
+    if args.only_memory_options:
+        args.skip_own_loop = args.skip_priors = True
     zimage_class = args.script_class_images or (1 if q else N_CLASS)
     args.script_class_images = {"zimage": zimage_class, "sd1": N_CLASS}
 
