@@ -8,13 +8,6 @@ from . import comfy as host
 DEVICES = ("auto", "cpu", "cuda", "cuda:0", "cuda:1")
 
 
-def _choices(items: list[str], default: str | None = None) -> list[str]:
-    out = list(items)
-    if default and default not in out:
-        out.append(default)
-    return out or [host.NONE]
-
-
 def _listing(widget: str) -> list[str]:
     """What ComfyUI lists for a TurboLoader widget (text encoders also in the older models/clip)."""
     from ..manager.sources import FOLDERS
@@ -22,6 +15,11 @@ def _listing(widget: str) -> list[str]:
     if widget == "diffusers_model":
         return host.diffusers_folders()
     return sorted({name for kind in FOLDERS[widget][0] for name in host.folder_list(kind)})
+
+
+def _choices(widget: str) -> list[str]:
+    """The widget's listing, or the "none" placeholder when the folder is empty."""
+    return _listing(widget) or [host.NONE]
 
 
 class TurboLoader:
@@ -43,13 +41,13 @@ class TurboLoader:
         return {
             "required": {
                 "source": (list(SOURCES), {"default": "diffusers folder", "tooltip": "Where the weights come from."}),
-                "diffusers_model": (_choices(_listing("diffusers_model")), {"tooltip": "A folder in models/diffusers with model_index.json."}),
+                "diffusers_model": (_choices("diffusers_model"), {"tooltip": "A folder in models/diffusers with model_index.json."}),
                 "repo_id": ("STRING", {"default": "Tongyi-MAI/Z-Image-Turbo", "tooltip": "Hugging Face repo id (hub repo mode). Set HF_TOKEN for gated repos; HF_HUB_OFFLINE=1 uses only the local cache."}),
                 "revision": ("STRING", {"default": "main", "tooltip": "Branch, tag or commit (hub repo mode)."}),
-                "diffusion_model": (_choices(_listing("diffusion_model")), {"tooltip": "Split files: the Z-Image diffusion model, e.g. z_image_turbo_bf16.safetensors."}),
-                "text_encoder": (_choices(_listing("text_encoder")), {"tooltip": "Split files: the Qwen3 text encoder, e.g. qwen_3_4b.safetensors."}),
-                "vae": (_choices(_listing("vae")), {"tooltip": "Split files: the VAE, e.g. ae.safetensors."}),
-                "checkpoint": (_choices(_listing("checkpoint")), {"tooltip": "Single file: an SD1.x checkpoint (.safetensors)."}),
+                "diffusion_model": (_choices("diffusion_model"), {"tooltip": "Split files: the Z-Image diffusion model, e.g. z_image_turbo_bf16.safetensors."}),
+                "text_encoder": (_choices("text_encoder"), {"tooltip": "Split files: the Qwen3 text encoder, e.g. qwen_3_4b.safetensors."}),
+                "vae": (_choices("vae"), {"tooltip": "Split files: the VAE, e.g. ae.safetensors."}),
+                "checkpoint": (_choices("checkpoint"), {"tooltip": "Single file: an SD1.x checkpoint (.safetensors)."}),
                 "family": (["auto", "zimage", "sd1"], {"default": "auto"}),
                 "dtype": (list(DTYPES), {"default": "auto", "tooltip": "auto = bf16/fp16 on GPU, fp32 on CPU. fp8 stores the denoiser weights in 8 bits (fits Z-Image-Turbo in 12 GB)."}),
                 "device": (list(DEVICES), {"default": "auto", "tooltip": "auto = ComfyUI's device."}),

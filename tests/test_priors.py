@@ -130,7 +130,7 @@ def test_failed_write_removes_its_temp_file(model, tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     cache = _cache(model, tmp_path)
-    monkeypatch.setattr(priors, "_write_bytes", full)
+    monkeypatch.setattr(priors.Path, "write_bytes", full)  # every cache file is written through it
     with pytest.raises(WriteError, match=r"disk is full .* MiB more needed"):
         cache.ensure(1)
     assert not os.path.isdir(cache.folder) or os.listdir(cache.folder) == []

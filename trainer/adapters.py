@@ -24,15 +24,9 @@ TE_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
 def _gc_enabled(module) -> bool:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):
-            if hasattr(type(module), attr) or attr in getattr(module, "__dict__", {}):
-                try:
-                    return bool(getattr(module, attr))
-                except Exception:  # some models raise when the flag is not defined
-                    return False
-    return False
+    # what diffusers' ``is_gradient_checkpointing`` and transformers 5's ``is_activation_checkpointing`` compute
+    # (transformers' old name now warns)
+    return any(getattr(m, "gradient_checkpointing", False) for m in module.modules())
 
 
 class ModuleGuard:
@@ -70,6 +64,7 @@ def _lora_config(rank: int, alpha: float, targets):
 def add_trainable_lora(model, config, text_encoder=None) -> None:
     """The training adapter (if any) plus the trainable ``ADAPTER``; only ``ADAPTER`` gets gradients."""
     from peft import inject_adapter_in_model
+    from peft.functional import set_requires_grad
 
     denoiser = model.denoiser
     denoiser.requires_grad_(False)
@@ -93,13 +88,10 @@ def add_trainable_lora(model, config, text_encoder=None) -> None:
         raise no_trainable(config) from e
     if text_encoder is not None:
         # transformers 5's add_adapter wants peft >= 0.22 (not released); peft's own injector does the same
-        inject_adapter_in_model(_lora_config(config.rank, config.lora_alpha, TE_LORA_TARGETS), text_encoder,
-                                adapter_name=ADAPTER)
-    activate(denoiser, with_training_adapter=bool(config.training_adapter))
-    if text_encoder is not None:
-        from peft.functional import set_requires_grad
-
+        te_config = _lora_config(config.rank, config.lora_alpha, TE_LORA_TARGETS)
+        inject_adapter_in_model(te_config, text_encoder, adapter_name=ADAPTER)
         set_requires_grad(text_encoder, ADAPTER, True)
+    activate(denoiser, with_training_adapter=bool(config.training_adapter))
 
 
 def activate(denoiser, with_training_adapter: bool) -> None:

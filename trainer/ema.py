@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 from ..manager.errors import InvalidInputError
 
-_SCALARS = ("decay", "min_decay", "optimization_step", "update_after_step", "use_ema_warmup", "inv_gamma", "power")
+SHADOW = "ema.safetensors"
 
 
 def _cpu(params) -> list:
@@ -34,28 +34,24 @@ def update(ema, params) -> None:
 
 def register_hooks(accelerator, ema) -> list:
     """Save and load the EMA with accelerate's save_state/load_state (safetensors, never pickle)."""
+    from safetensors.torch import load_file, save_file
 
     def save_hook(models, weights, folder):
-        from safetensors.torch import save_file
-
         if accelerator.is_main_process:
             state = ema.state_dict()
-            save_file({f"shadow.{i}": t.contiguous() for i, t in enumerate(state["shadow_params"])},
-                      os.path.join(folder, "ema.safetensors"))
+            shadow = state.pop("shadow_params")
+            save_file({f"shadow.{i}": t.contiguous() for i, t in enumerate(shadow)}, os.path.join(folder, SHADOW))
             with open(os.path.join(folder, "ema.json"), "w", encoding="utf-8") as f:
-                json.dump({k: state[k] for k in _SCALARS}, f)
+                json.dump(state, f)
 
     def load_hook(models, folder):
-        from safetensors.torch import load_file
-
-        path = os.path.join(folder, "ema.safetensors")
+        path = os.path.join(folder, SHADOW)
         if not os.path.isfile(path):
             raise InvalidInputError(f"checkpoint {folder!r} has no EMA weights; it was made with ema_decay off")
         shadow = load_file(path)
         with open(os.path.join(folder, "ema.json"), encoding="utf-8") as f:
             state = json.load(f)
-        state["shadow_params"] = [shadow[f"shadow.{i}"] for i in range(len(shadow))]
-        ema.load_state_dict(state)
+        ema.load_state_dict({**state, "shadow_params": [shadow[f"shadow.{i}"] for i in range(len(shadow))]})
 
     return [accelerator.register_save_state_pre_hook(save_hook), accelerator.register_load_state_pre_hook(load_hook)]
 
@@ -63,18 +59,12 @@ def register_hooks(accelerator, ema) -> list:
 @contextmanager
 def swapped_in(ema, params):
     """The averaged weights in ``params`` for the ``with`` block (to export them), the trained ones after."""
-    import torch
-
-    saved = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        for p, s in zip(params, ema.shadow_params, strict=True):
-            p.copy_(s.to(device=p.device, dtype=p.dtype))
+    ema.store(params)
+    ema.copy_to(params)
     try:
         yield
     finally:
-        with torch.no_grad():
-            for p, s in zip(params, saved, strict=True):
-                p.copy_(s)
+        ema.restore(params)
 
 
 def export(ema, params, make_lora):

@@ -116,23 +116,22 @@ def estimate(plan: Plan, shape: Shape, resolution: int, batch: int) -> dict:
 
 def choose(free_bytes: float | None, shape: Shape, resolution: int, batch: int) -> tuple[Plan, dict]:
     """The fastest plan whose estimate fits ``free_bytes`` (None: no limit, a CPU), or a message saying what fits."""
-    if free_bytes is None:
-        plan = PLANS["fast"]
-        return plan, estimate(plan, shape, resolution, batch)
     for plan in PLANS.values():
         est = estimate(plan, shape, resolution, batch)
-        if est["total"] <= free_bytes:
+        if free_bytes is None or est["total"] <= free_bytes:
             return plan, est
-    lightest = list(PLANS.values())[-1]
-    need = estimate(lightest, shape, resolution, batch)["total"]
-    res = resolution
-    while res > 256 and estimate(lightest, shape, res, batch)["total"] > free_bytes:
-        res -= 64
-    hint = f"resolution {res} at batch {batch} fits" if estimate(lightest, shape, res, batch)["total"] <= free_bytes \
-        else "even 256² does not fit: free memory on the card (close other programs) or train on a larger one"
+    lightest = list(PLANS.values())[-1]  # ``est`` is its estimate now
+    res = next(  # 64 px steps down to 256 (or just below)
+        (r for r in range(resolution, 192, -64) if estimate(lightest, shape, r, batch)["total"] <= free_bytes), None
+    )
+    if res:
+        hint = f"resolution {res} at batch {batch} fits"
+    else:
+        hint = "even 256² does not fit: free memory on the card (close other programs) or train on a larger one"
     raise InvalidInputError(
         f"no memory plan fits a {resolution}² batch-{batch} LoRA step in {free_bytes / GB:.1f} GB free: the lightest "
-        f"({lightest.name}) needs about {need / GB:.1f} GB; {hint}")
+        f"({lightest.name}) needs about {est['total'] / GB:.1f} GB; {hint}"
+    )
 
 
 def free_memory(device) -> float | None:
@@ -172,14 +171,13 @@ def resolve(config, model, device):
 def encoders_on(pipe, device, offloaded: bool):
     """With ``offload_encoders`` the VAE and text encoder live on the CPU during training; this brings them to
     ``device`` for the ``with`` block (validation previews) and back."""
-    if not offloaded:
-        yield
-        return
-    move_encoders(pipe, device)
+    if offloaded:
+        move_encoders(pipe, device)
     try:
         yield
     finally:
-        move_encoders(pipe, "cpu")
+        if offloaded:
+            move_encoders(pipe, "cpu")
 
 
 def move_encoders(pipe, device) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 from ..manager.errors import get_logger
@@ -43,11 +44,8 @@ def loss_plot(losses: list[float], width: int = 640, height: int = 360, title: s
         draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(70, 130, 220))
         return img
     draw.line([xy(i, v) for i, v in enumerate(vals)], fill=(150, 180, 235), width=1)
-    ema, smooth = vals[0], []
-    k = 2.0 / (min(len(vals), 50) / 5 + 1)
-    for v in vals:
-        ema = ema + k * (v - ema)
-        smooth.append(ema)
+    k = 2.0 / (min(len(vals), 50) / 5 + 1)  # moving average spanning a fifth of the steps (at most 10)
+    smooth = list(itertools.accumulate(vals, lambda ema, v: ema + k * (v - ema)))
     draw.line([xy(i, v) for i, v in enumerate(smooth)], fill=(20, 60, 160), width=2)
     return img
 

@@ -24,6 +24,8 @@ import json
 import os
 import re
 from collections.abc import Callable
+from contextlib import suppress
+from pathlib import Path
 
 from ..manager.errors import Interrupted, InvalidInputError, get_logger
 from ..manager.paths import atomic_file
@@ -48,29 +50,6 @@ def default_prior_root() -> str:
     if not root:
         root = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "turbobooth")
     return os.path.join(root, "priors")
-
-
-def prior_key(identity: str, family: str, class_prompt: str, seed: int, steps: int, width: int, height: int,
-              guidance: float) -> str:
-    """The folder name for one set of class images (sha256 of what determines them)."""
-    data = {
-        "v": CACHE_VERSION,
-        "model": identity,
-        "family": family,
-        "prompt": class_prompt,
-        "seed": int(seed),
-        "steps": int(steps),
-        "width": int(width),
-        "height": int(height),
-        "guidance": float(guidance),
-    }
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode("utf-8")).hexdigest()
-
-
-def _png_bytes(image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", optimize=False)
-    return buf.getvalue()
 
 
 def _tensor_to_pil(t):
@@ -103,8 +82,19 @@ class PriorCache:
                 raise InvalidInputError(f"class image {name}={v} must be a positive multiple of {d.size_multiple}")
         if self.steps < 1:
             raise InvalidInputError(f"class image steps={self.steps} must be >= 1")
-        self.key = prior_key(model.identity, model.family, self.class_prompt, self.seed, self.steps, self.width,
-                             self.height, self.guidance)
+        # everything that determines the images; its sha256 names the folder
+        self.settings = {
+            "v": CACHE_VERSION,
+            "model": model.identity,
+            "family": model.family,
+            "prompt": self.class_prompt,
+            "seed": self.seed,
+            "steps": self.steps,
+            "width": self.width,
+            "height": self.height,
+            "guidance": self.guidance,
+        }
+        self.key = hashlib.sha256(json.dumps(self.settings, sort_keys=True).encode("utf-8")).hexdigest()
         self.root = os.path.abspath(root or default_prior_root())
         self.folder = os.path.join(self.root, self.key[:32])
 
@@ -127,16 +117,12 @@ class PriorCache:
                     data = f.read()
                 if hashlib.sha256(data).hexdigest()[:16] != m.group(2):
                     raise ValueError("content does not match the hash in its name")
-                with Image.open(io.BytesIO(data)) as im:
-                    if im.format != "PNG":
-                        raise ValueError(f"not a PNG but {im.format}")
+                with Image.open(io.BytesIO(data), formats=["PNG"]) as im:
                     im.verify()
             except Exception as e:  # a damaged file of ours: drop it, it will be generated again
                 logger.warning("ignoring damaged class image %s: %s", path, e)
-                try:
+                with suppress(OSError):
                     os.remove(path)
-                except OSError:
-                    pass
                 continue
             found.setdefault(int(m.group(1)), path)
         return found
@@ -145,19 +131,17 @@ class PriorCache:
         return len(self.existing())
 
     def _write(self, index: int, image) -> str:
-        data = _png_bytes(image)
+        buf = io.BytesIO()
+        image.save(buf, format="PNG", optimize=False)
+        data = buf.getvalue()
         path = os.path.join(self.folder, f"{index:05d}-{hashlib.sha256(data).hexdigest()[:16]}.png")
-        return atomic_file(path, lambda tmp: _write_bytes(tmp, data))
+        return atomic_file(path, lambda tmp: Path(tmp).write_bytes(data))
 
     def _write_info(self) -> None:
         info = os.path.join(self.folder, "prior.json")
-        if os.path.exists(info):
-            return
-        text = json.dumps(
-            {"model": self.model.identity, "family": self.model.family, "class_prompt": self.class_prompt,
-             "seed": self.seed, "steps": self.steps, "width": self.width, "height": self.height,
-             "guidance": self.guidance, "version": CACHE_VERSION}, indent=2)
-        atomic_file(info, lambda tmp: _write_bytes(tmp, text.encode("utf-8")))
+        if not os.path.exists(info):
+            text = json.dumps(self.settings, indent=2).encode("utf-8")
+            atomic_file(info, lambda tmp: Path(tmp).write_bytes(text))
 
     # -- generation ------------------------------------------------------------------------
 
@@ -222,11 +206,6 @@ class PriorCache:
             with Image.open(path) as im:
                 images.append(im.convert("RGB"))
         return images
-
-
-def _write_bytes(path: str, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
 
 
 def class_images(model, class_prompt: str, count: int, seed: int = 0, width: int | None = None,

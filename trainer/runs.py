@@ -14,6 +14,7 @@ import os
 import re
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from ..manager.errors import get_logger
 from ..manager.paths import atomic_file, safe_name
@@ -31,7 +32,7 @@ PREVIEW = "preview.png"  # the latest validation image
 _RUN_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_. -]{0,150}-[0-9a-f]{10}$")  # safe_name(run_name)-<hash>
 
 
-def _image_bytes(images) -> list[bytes]:
+def image_bytes(images) -> list[bytes]:
     if images is None:
         return []
     if hasattr(images, "detach"):
@@ -45,15 +46,9 @@ def run_folder(root: str, run_name: str, model, config: TrainConfig, instance_im
     h.update(config.trajectory_fingerprint().encode())
     for i, batch in enumerate((instance_images, class_images)):
         h.update(f"|{i}|".encode())
-        for data in _image_bytes(batch):
+        for data in image_bytes(batch):
             h.update(data)
     return os.path.join(os.path.abspath(root), f"{safe_name(run_name, 'dreambooth')}-{h.hexdigest()[:10]}")
-
-
-def _resume_point(folder: str, steps: int) -> str | None:
-    """The newest checkpoint at or below ``steps`` (fewer steps than a previous run asked for), else none."""
-    found = [path for step, path in list_checkpoints(folder) if step <= steps]
-    return found[-1] if found else None
 
 
 def _info(model, config: TrainConfig) -> dict:
@@ -94,12 +89,7 @@ def save_finished(model, config: TrainConfig, result: TrainResult) -> None:
     info = dict(_info(model, config), losses=result.losses,
                 checkpoint=os.path.basename(result.checkpoint_dir) if result.checkpoint_dir else None)
     text = json.dumps(info, indent=2).encode("utf-8")
-    atomic_file(os.path.join(folder, FINAL_INFO), lambda tmp: _write_bytes(tmp, text))
-
-
-def _write_bytes(path: str, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
+    atomic_file(os.path.join(folder, FINAL_INFO), lambda tmp: Path(tmp).write_bytes(text))
 
 
 class StepLog:
@@ -122,7 +112,7 @@ class StepLog:
         """On the first step (the folder exists by then): drop the steps a resume repeats."""
         kept = [r for r in _read_rows(self.path) if r["step"] <= self.keep_until]
         text = "".join(json.dumps(r) + "\n" for r in kept).encode("utf-8")
-        atomic_file(self.path, lambda tmp: _write_bytes(tmp, text))
+        atomic_file(self.path, lambda tmp: Path(tmp).write_bytes(text))
         self._started = True
 
     def __call__(self, step: int, total: int, preview=None, info: dict | None = None) -> None:
@@ -189,19 +179,16 @@ def train_in_run_folder(model, config: TrainConfig, root: str, run_name: str, in
 
     folder = run_folder(root, run_name, model, config, instance_images, class_images)
     config = config.replace(output_dir=folder)
-    if config.train_mode == "lora":
-        done = load_finished(model, config)
-        if done is not None:
-            if on_run is not None:
-                on_run(folder)
-            return done
-    config = config.replace(resume=_resume_point(folder, config.steps))
-    start = int(os.path.basename(config.resume).rsplit("-", 1)[-1]) if config.resume else 0
-    log = StepLog(folder, on_step, keep_until=start)
+    done = load_finished(model, config) if config.train_mode == "lora" else None
     if on_run is not None:
         on_run(folder)
-    result = train(model, config, instance_images, class_images=class_images, on_step=log,
-                   should_stop=should_stop)
+    if done is not None:
+        return done
+    # resume from the newest checkpoint at or below ``steps`` (fewer steps than a previous run asked for)
+    start, resume = ([(0, None)] + [c for c in list_checkpoints(folder) if c[0] <= config.steps])[-1]
+    config = config.replace(resume=resume)
+    log = StepLog(folder, on_step, keep_until=start)
+    result = train(model, config, instance_images, class_images=class_images, on_step=log, should_stop=should_stop)
     if result.lora is not None and not result.stopped:
         save_finished(model, config, result)
     return result

@@ -15,8 +15,9 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
-import uuid
+import tempfile
 
 from ..manager.errors import InvalidInputError, get_logger
 from .config import TrainConfig
@@ -25,13 +26,8 @@ logger = get_logger(__name__)
 
 STATE_FILE = "turbobooth_state.json"
 CHECKPOINT_FORMAT = 2
-LORA_FILES = ("lora_denoiser.safetensors", "lora_text_encoder.safetensors")
+_CHECKPOINT = re.compile(r"checkpoint-([0-9]+)")
 _warned_tensorboard = False
-
-
-# ---------------------------------------------------------------------------
-# the Accelerator
-# ---------------------------------------------------------------------------
 
 
 def _fresh_accelerate_state() -> None:
@@ -62,12 +58,10 @@ def resolve_precision(choice: str, device) -> str:
 def tensorboard_wanted(config: TrainConfig) -> bool:
     """True when TensorBoard logging is on and tensorboard is importable; warns once per process otherwise."""
     global _warned_tensorboard
-    if not config.log_tensorboard:
-        return False
     from accelerate.utils import is_tensorboard_available
 
-    if is_tensorboard_available():
-        return True
+    if not config.log_tensorboard or is_tensorboard_available():
+        return config.log_tensorboard
     if not _warned_tensorboard:
         _warned_tensorboard = True
         logger.warning("tensorboard is not installed; training metrics are not logged to TensorBoard "
@@ -81,7 +75,7 @@ def make_accelerator(config: TrainConfig, device, output_dir: str):
     from accelerate.utils import ProjectConfiguration
 
     precision = resolve_precision(config.mixed_precision, device)
-    project = ProjectConfiguration(project_dir=output_dir, logging_dir=output_dir, total_limit=config.keep_last)
+    project = ProjectConfiguration(project_dir=output_dir, total_limit=config.keep_last)  # logs go there too
     _fresh_accelerate_state()
     try:
         return Accelerator(mixed_precision=precision, cpu=device.type == "cpu", device_placement=False,
@@ -102,11 +96,6 @@ def start_logging(accelerator, config: TrainConfig) -> bool:
     return True
 
 
-# ---------------------------------------------------------------------------
-# output folder and checkpoints
-# ---------------------------------------------------------------------------
-
-
 def check_output_dir(path: str, min_free_gb: float, create: bool = True) -> str:
     """``path`` made absolute, checked to be writable with ``min_free_gb`` free; created when ``create``.
 
@@ -123,10 +112,8 @@ def check_output_dir(path: str, min_free_gb: float, create: bool = True) -> str:
                 raise OSError(errno.EACCES, f"{existing} is not a writable folder")
         else:
             os.makedirs(path, exist_ok=True)
-            probe = os.path.join(path, f".write-test-{uuid.uuid4().hex[:6]}")
-            with open(probe, "w") as f:
-                f.write("ok")
-            os.remove(probe)
+            with tempfile.TemporaryFile(dir=path) as probe:  # a real write: permissions, read-only mounts
+                probe.write(b"ok")
             existing = path
     except OSError as e:
         raise InvalidInputError(
@@ -142,15 +129,10 @@ def check_output_dir(path: str, min_free_gb: float, create: bool = True) -> str:
 
 
 def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
-    out = []
-    if not os.path.isdir(output_dir):
-        return out
-    for name in os.listdir(output_dir):
-        if name.startswith("checkpoint-") and name[len("checkpoint-") :].isdigit():
-            path = os.path.join(output_dir, name)
-            if os.path.isfile(os.path.join(path, STATE_FILE)):
-                out.append((int(name[len("checkpoint-") :]), path))
-    return sorted(out)
+    """``(step, folder)`` of each complete checkpoint in ``output_dir``, oldest first."""
+    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    found = [(int(m[1]), os.path.join(output_dir, m[0])) for m in map(_CHECKPOINT.fullmatch, names) if m]
+    return sorted((step, path) for step, path in found if os.path.isfile(os.path.join(path, STATE_FILE)))
 
 
 def resolve_resume(config: TrainConfig, output_dir: str) -> str | None:
@@ -211,11 +193,9 @@ def write_checkpoint(accelerator, output_dir: str, step: int, meta: dict) -> str
     from ..manager.paths import atomic_dir
 
     final = os.path.join(output_dir, f"checkpoint-{step}")
-    world = accelerator.num_processes
 
     def write(tmp: str) -> None:
-        if world > 1:
-            broadcast_object_list([tmp])
+        broadcast_object_list([tmp])  # a no-op in a single process
         accelerator.save_state(tmp)
         accelerator.wait_for_everyone()
         info = os.path.join(tmp, STATE_FILE)
@@ -229,7 +209,10 @@ def write_checkpoint(accelerator, output_dir: str, step: int, meta: dict) -> str
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         atomic_dir(final, write)
-        prune(output_dir, accelerator.project_configuration.total_limit)
+        keep = accelerator.project_configuration.total_limit  # accelerate prunes only its automatic names
+        if keep:
+            for _, old in list_checkpoints(output_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
     else:
         tmp = broadcast_object_list([None])[0]
         accelerator.save_state(tmp)
@@ -237,18 +220,6 @@ def write_checkpoint(accelerator, output_dir: str, step: int, meta: dict) -> str
     accelerator.wait_for_everyone()
     logger.info("saved checkpoint %s", final)
     return final
-
-
-def prune(output_dir: str, total_limit: int | None) -> None:
-    """Keep the newest ``total_limit`` checkpoints (accelerate's own pruning needs its automatic names)."""
-    if total_limit:
-        for _, old in list_checkpoints(output_dir)[:-total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-# ---------------------------------------------------------------------------
-# LoRA weights through accelerate's state hooks
-# ---------------------------------------------------------------------------
 
 
 def register_lora_hooks(accelerator, parts: dict, adapter: str) -> list:
