@@ -74,6 +74,11 @@ _EXTRA_INPUTS = {
     "dop_class": ("STRING", {"default": "", "tooltip": "The class word for DOP, e.g. 'dog'."}),
     "ema_decay": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.9999, "step": 0.0001, "round": False,
                             "tooltip": "An EMA of the LoRA weights (lora_ema output), e.g. 0.999. 0 = off."}),
+    "captions": ("STRING", {"multiline": True, "default": "", "tooltip":
+                 "One caption per instance image, in batch order; [trigger] becomes the trigger word and an empty "
+                 "line trains that image with the instance prompt. Empty = the instance prompt for all."}),
+    "cache_to_disk": ("BOOLEAN", {"default": False, "tooltip": "Keep the image latents and prompt embeddings in "
+                      "the run folder: a resumed or re-queued run skips the VAE and text encoder."}),
 }
 
 
@@ -125,7 +130,7 @@ class DreamBoothTrain:
               train_mode, prior_loss_weight, seed, run_name, class_images=None, validation_prompt="",
               validation_every=0, checkpoint_every=100, batch_size=1, gradient_checkpointing=False,
               mixed_precision="no", training_adapter=host.NONE, unique_id=None, memory="auto", caption_dropout=0.0,
-              dop_weight=0.0, dop_class="", ema_decay=0.0):
+              dop_weight=0.0, dop_class="", ema_decay=0.0, captions="", cache_to_disk=False):
         widgets = dict(locals())  # every input by name; _train_config picks the settings
         from ..manager.cache import ensure_loaded
         from ..manager.errors import Interrupted
@@ -163,6 +168,7 @@ def _train(model, config, run_name, instance_images, class_images, progress):
 def _train_config(model, w: dict):
     """The TrainConfig for DreamBoothTrain's inputs ``w`` (the run folder is chosen in trainer.runs)."""
     from ..trainer.config import TrainConfig
+    from ..trainer.data import caption_lines
 
     prior = w["class_images"] is not None and float(w["prior_loss_weight"]) > 0
     adapter = w["training_adapter"]
@@ -177,6 +183,7 @@ def _train_config(model, w: dict):
         training_adapter=host.full_path("loras", adapter) if adapter and adapter != host.NONE else None,
         output_dir=_training_root(), memory=w["memory"], caption_dropout=float(w["caption_dropout"]),
         dop_weight=float(w["dop_weight"]), dop_class=(w["dop_class"] or "").strip(), ema_decay=float(w["ema_decay"]),
+        captions=caption_lines(w["captions"] or ""), cache_to_disk=bool(w["cache_to_disk"]),
     )
     if prior:
         fields["num_class_images"] = int(w["class_images"].shape[0])

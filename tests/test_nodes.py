@@ -211,6 +211,33 @@ def test_dreambooth_node_takes_its_unique_id_and_checkpoint_save_reports_the_pat
     assert spec["hidden"] == {"unique_id": "UNIQUE_ID"}
 
 
+def test_dreambooth_captions_input_is_one_caption_per_image_and_part_of_the_run(tiny, tmp_path, monkeypatch):
+    from turbobooth.nodes import comfy as host
+    from turbobooth.trainer import objective
+
+    monkeypatch.setattr(host, "output_directory", lambda: str(tmp_path))
+    planned = []
+    real = objective.plan_prompts
+    monkeypatch.setattr(objective, "plan_prompts", lambda *a, **k: planned.append(real(*a, **k)) or planned[-1])
+    spec = turbobooth.NODE_CLASS_MAPPINGS["TurboBoothDreamBoothTrain"].INPUT_TYPES()["optional"]["captions"]
+    assert spec[0] == "STRING" and spec[1]["multiline"]
+    model, images = load(tiny), torch.rand(3, 32, 32, 3)
+    args = dict(instance_prompt="a photo of sks dog", class_prompt="a photo of dog", steps=1, learning_rate=1e-3,
+                rank=2, resolution=32, train_mode="lora", prior_loss_weight=1.0, seed=0, run_name="captioned")
+    train = node("TurboBoothDreamBoothTrain").train
+    train(model, images, **args, captions="[trigger] on a beach\n\nclose-up of [trigger]\n")
+    data = planned[-1]
+    assert [data.prompts[i] for i in data.inst_prompt] == ["sks on a beach", "a photo of sks dog", "close-up of sks"]
+    runs = tmp_path / "turbobooth_training"
+    assert len(os.listdir(runs)) == 1
+    train(model, images, **args)  # no captions: another run folder
+    assert len(os.listdir(runs)) == 2 and set(planned[-1].prompts) == {"a photo of sks dog"}
+    for text, n in (("one\ntwo", 2), ("a\nb\nc\nd", 4), ("a\n\n\n\n", 4)):
+        with pytest.raises(InvalidInputError, match=f"{n} captions were given for 3 instance images"):
+            train(model, images, **args, captions=text)
+    assert len(os.listdir(runs)) == 2
+
+
 def test_web_extension_mirrors_the_loader_sources():
     """web/loader.js names the widgets of each source as manager/sources.py does, and __init__ serves web/."""
     import json

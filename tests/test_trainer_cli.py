@@ -39,6 +39,20 @@ def test_cli_single_process(tmp_path, zimage_folder):
     assert os.path.isdir(tmp_path / "out" / "checkpoint-2")
 
 
+def test_cli_cache_to_disk_flag_keeps_the_data_cache_for_a_resume(tmp_path, zimage_folder, caplog):
+    from turbobooth.trainer.cache import CACHE_FILE
+
+    config = _setup(tmp_path, zimage_folder, checkpoint_every=1)
+    assert cli.main(["--config", config, "--cache-to-disk"]) == 0
+    assert os.path.isfile(tmp_path / "out" / CACHE_FILE)
+    with caplog.at_level("INFO", logger="turbobooth"):
+        assert cli.main(["--config", config, "--cache-to-disk", "--resume", "latest", "--steps", "3"]) == 0
+    assert "read the cached latents" in caplog.text and "resumed from" in caplog.text
+    assert L.load_lora_file(str(tmp_path / "out" / "lora.safetensors")).metadata["steps"] == "3"
+    assert cli.main(["--config", config, "--no-cache-to-disk", "--output-dir", str(tmp_path / "plain")]) == 0
+    assert not os.path.exists(tmp_path / "plain" / CACHE_FILE)
+
+
 def test_cli_reports_config_errors(tmp_path, zimage_folder):
     bad = tmp_path / "bad.yaml"
     bad.write_text("family: zimage\nlearning_rate: 0.1\n")

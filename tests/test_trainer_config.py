@@ -33,6 +33,9 @@ from turbobooth.trainer.data import check_instance_prompt, load_images
         ({"instance_prompt": ""}, r"instance_prompt"),
         ({"validation_every": 5}, r"validation_prompt"),
         ({"family": "sd1", "training_adapter": "x.safetensors", "resolution": 512}, r"training_adapter"),
+        ({"captions": "a dog"}, r"captions='a dog' must be a list of one-line strings"),
+        ({"captions": ("a\nb",)}, r"must be a list of one-line strings, one per instance image"),
+        ({"cache_to_disk": "yes"}, r"cache_to_disk='yes' must be true or false"),
     ],
 )
 def test_validation_messages(changes, match):
@@ -57,7 +60,8 @@ def test_valid_sd1_full_config():
 
 def test_yaml_and_json_round_trip(tmp_path):
     cfg = TrainConfig(family="sd1", resolution=64, steps=7, lr=3e-4, with_prior_preservation=True,
-                      class_prompt="a photo of dog", lora_targets=("to_q", "to_v"), alpha=2.0, resume="latest")
+                      class_prompt="a photo of dog", lora_targets=("to_q", "to_v"), alpha=2.0, resume="latest",
+                      captions=("[trigger] on grass", ""), cache_to_disk=True)
     for name in ("run.yaml", "run.json"):
         path = cfg.save(str(tmp_path / name))
         assert TrainConfig.load(path) == cfg
@@ -76,6 +80,8 @@ def test_fingerprint_ignores_bookkeeping():
     a = TrainConfig(steps=10, output_dir="a", checkpoint_every=2)
     assert a.trajectory_fingerprint() == TrainConfig(steps=20, output_dir="b").trajectory_fingerprint()
     assert a.trajectory_fingerprint() != TrainConfig(steps=10, lr=1e-3).trajectory_fingerprint()
+    # where the latents come from (disk or the encoders) does not change them
+    assert a.replace(cache_to_disk=True).trajectory_fingerprint() == a.trajectory_fingerprint()
 
 
 # ---- data ----------------------------------------------------------------------------

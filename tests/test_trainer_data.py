@@ -11,7 +11,7 @@ from turbobooth.manager.spec import ModelSpec
 from turbobooth.manager.tiny import build_tiny_sd1, build_tiny_zimage
 from turbobooth.trainer import loop
 from turbobooth.trainer.config import TrainConfig
-from turbobooth.trainer.data import bucket_size, load_images, prepare_image
+from turbobooth.trainer.data import bucket_size, caption_lines, load_images, prepare_image, with_captions
 from turbobooth.trainer.objective import assemble_batch, cache_data
 
 
@@ -111,6 +111,32 @@ def test_captions_replace_the_trigger_and_fall_back_to_the_instance_prompt(zmode
     nameless = cfg.replace(instance_prompt="a photo of a dog", class_prompt="a photo of a dog")
     with pytest.raises(InvalidInputError, match=r"\[trigger\]"):
         cache_data(zmodel.pipe, "zimage", nameless, images, None, "cpu")
+
+
+def test_captions_setting_replaces_the_image_captions_in_order(zmodel, tmp_path):
+    assert caption_lines("[trigger] on grass\n\n a [trigger] toy \n") == ("[trigger] on grass", "", "a [trigger] toy")
+    assert caption_lines("a\r\nb") == ("a", "b") and caption_lines(" \n ") == () and caption_lines("") == ()
+    cfg = _cfg(tmp_path, captions=["[trigger] on grass", "", "a [trigger] toy"])
+    assert cfg.captions == ("[trigger] on grass", "", "a [trigger] toy")
+    folder = _caption_folder(tmp_path)  # 0.txt and 1.txt hold captions of their own
+    images = with_captions(load_images(str(folder), cfg.resolution, cfg.center_crop, multiple=16), cfg.captions)
+    data = cache_data(zmodel.pipe, "zimage", cfg, images, None, "cpu")
+    assert [data.prompts[i] for i in data.inst_prompt] == ["sks on grass", "a photo of sks dog", "a sks toy"]
+    with pytest.raises(InvalidInputError, match="2 captions were given for 3 instance images"):
+        loop.train(zmodel, cfg.replace(captions=("a", "b")), str(folder))
+    nameless = cfg.replace(instance_prompt="a photo of a dog", class_prompt="a photo of a dog")
+    with pytest.raises(InvalidInputError, match=r"caption of .*0\.png uses \[trigger\]"):
+        loop.train(zmodel, nameless, str(folder))
+
+
+def test_captions_are_part_of_the_trajectory(zmodel, tmp_path):
+    cfg = _cfg(tmp_path, steps=1, checkpoint_every=1, captions=("[trigger] on grass", "", ""))
+    assert cfg.trajectory_fingerprint() != cfg.replace(captions=("", "", "")).trajectory_fingerprint()
+    assert cfg.replace(captions=()).trajectory_fingerprint() == _cfg(tmp_path, steps=1).trajectory_fingerprint()
+    folder = str(_caption_folder(tmp_path))
+    loop.train(zmodel, cfg, folder)
+    with pytest.raises(InvalidInputError, match=r"settings differ \(captions\)"):
+        loop.train(zmodel, cfg.replace(resume="latest", captions=("[trigger] on sand", "", "")), folder)
 
 
 def test_caption_that_is_not_utf8_is_a_clear_error(tmp_path):

@@ -27,6 +27,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--output-dir", help="override output_dir")
     t.add_argument("--resume", help="override resume ('latest' or a checkpoint folder)")
     t.add_argument("--steps", type=int, help="override steps")
+    t.add_argument("--cache-to-disk", action=argparse.BooleanOptionalAction, default=None,
+                   help="override cache_to_disk: keep the latents and prompt embeddings in output_dir so that a "
+                        "resumed run skips the VAE and text encoder")
     t.add_argument("--lora-name", default="lora", help="file name (without .safetensors) of the saved LoRA")
     t.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: the local GPU, else cpu)")
     t.add_argument("-v", "--verbose", action="store_true")
@@ -64,6 +67,8 @@ def run_train(args) -> int:
         changes["resume"] = args.resume
     if args.steps:
         changes["steps"] = args.steps
+    if args.cache_to_disk is not None:
+        changes["cache_to_disk"] = args.cache_to_disk
     if changes:
         cfg = cfg.replace(**changes)
     if not cfg.model_source:

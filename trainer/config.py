@@ -45,6 +45,7 @@ _NON_TRAJECTORY = frozenset(
         "min_free_disk_gb",
         "memory",  # a plan's options (optimizer, checkpointing) are fingerprinted themselves, once resolved
         "offload_encoders",
+        "cache_to_disk",  # the cached tensors are the same whether they come from disk or the encoders
     }
 )
 
@@ -77,6 +78,7 @@ class TrainConfig:
     center_crop: bool = False  # False: aspect-ratio buckets of about resolution**2 pixels (never upscaled)
     caption_dropout: float = 0.0  # share of instance elements trained with an empty prompt
     trigger: str = ""  # what [trigger] in captions becomes; "" = the instance prompt's unique word
+    captions: tuple = ()  # one per instance image, in order, replacing .txt captions; "" = the instance prompt
     timestep_sampling: str = "uniform"  # Z-Image: uniform | logit_normal | shifted (see trainer.objective)
     timestep_shift: float = 3.0  # the shift of timestep_sampling="shifted"
     dop_weight: float = 0.0  # differential output preservation: weight of the penalty (0 = off)
@@ -85,6 +87,7 @@ class TrainConfig:
     ema_decay: float = 0.0  # an EMA of the LoRA weights on the CPU, e.g. 0.999 (0 = off)
     memory: str = "auto"  # a memory plan (trainer.memory.PLANS), "auto" (fits the card's free memory) or "none"
     offload_encoders: bool = False  # the VAE and text encoder off the GPU once latents/embeddings are cached
+    cache_to_disk: bool = False  # keep the latents and embeddings in the run folder: a resume skips the encoders
     train_mode: str = "lora"
     rank: int = 16
     alpha: float | None = None  # None = rank
@@ -126,8 +129,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise _err(f"family={self.family!r} is not supported; allowed: {', '.join(FAMILIES)}")
-        if isinstance(self.lora_targets, list):
-            object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        for name in ("lora_targets", "captions"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         _check_numbers(self)
         _check_choices(self)
 
@@ -154,6 +158,8 @@ class TrainConfig:
         data = {k: v for k, v in self.to_dict().items() if k not in _NON_TRAJECTORY}
         if self.lr_scheduler != "constant":
             data["steps"] = self.steps  # the schedule's shape depends on the total
+        if not self.captions:
+            del data["captions"]  # runs without captions keep the fingerprint (and checkpoints) they had
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def replace(self, **changes: Any) -> TrainConfig:
@@ -163,7 +169,7 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
-        out["lora_targets"] = list(self.lora_targets)
+        out["lora_targets"], out["captions"] = list(self.lora_targets), list(self.captions)
         return out
 
     @classmethod
@@ -295,6 +301,10 @@ def _check_numbers(cfg: TrainConfig) -> None:  # noqa: C901 - a flat list of che
         raise _err(f"caption_dropout={cfg.caption_dropout!r} must be in [0, 1) (0 = off)")
     if not isinstance(cfg.trigger, str) or cfg.trigger != cfg.trigger.strip():
         raise _err(f"trigger={cfg.trigger!r} must be one word without surrounding spaces, e.g. 'sks'")
+    if not isinstance(cfg.captions, tuple) or not all(isinstance(c, str) and "\n" not in c for c in cfg.captions):
+        raise _err(f"captions={cfg.captions!r} must be a list of one-line strings, one per instance image")
+    if not isinstance(cfg.cache_to_disk, bool):
+        raise _err(f"cache_to_disk={cfg.cache_to_disk!r} must be true or false")
 
 
 def _check_choices(cfg: TrainConfig) -> None:  # noqa: C901 - a flat list of checks reads best

@@ -143,6 +143,24 @@ def apply_trigger(caption: str, trigger: str, source: str) -> str:
     return caption.replace("[trigger]", trigger)
 
 
+def caption_lines(text: str) -> tuple:
+    """The ``captions`` of a multiline text: one per line (a final newline ends the last one); "" = none given."""
+    if not isinstance(text, str) or not text.strip():
+        return ()
+    return tuple(line.strip() for line in text.splitlines())
+
+
+def with_captions(images: list[TrainImage], captions) -> list[TrainImage]:
+    """``captions`` (one per image, in order) in place of the images' own; an empty one = the instance prompt."""
+    if not captions:
+        return images
+    if len(captions) != len(images):
+        raise InvalidInputError(
+            f"{len(captions)} captions were given for {len(images)} instance images; give one caption line per "
+            "image, in batch order (an empty line trains that image with the instance prompt)")
+    return [TrainImage(t.image, c.strip() or None, t.source) for t, c in zip(images, captions, strict=True)]
+
+
 def load_images(images_or_folder, resolution: int, center_crop: bool = True, what: str = "instance",
                 multiple: int = 8) -> list[TrainImage]:
     """Load training images from PIL images / an IMAGE tensor / a folder (``.txt`` captions beside images)."""
@@ -163,6 +181,28 @@ def load_images(images_or_folder, resolution: int, center_crop: bool = True, wha
     if what == "instance" and len(out) == 1:
         logger.warning("only 1 instance image: the LoRA will overfit to it; 3-5 photos in different settings work better")
     return out
+
+
+def class_train_images(model, cfg, output_dir: str, accelerator, class_images=None, should_stop=None,
+                       multiple: int = 8) -> list[TrainImage] | None:
+    """The class images of prior preservation: the given ones, else generated once into the prior cache
+    (by the main process; the others wait) and read back. None when prior preservation is off."""
+    from . import priors
+
+    if not cfg.with_prior_preservation:
+        if class_images is not None:
+            logger.warning("class images were given but with_prior_preservation is off; they are not used")
+        return None
+    if class_images is not None:
+        return load_images(class_images, cfg.resolution, cfg.center_crop, what="class", multiple=multiple)
+    root = cfg.class_data_dir or os.path.join(output_dir, "class_images")
+    cache = priors.PriorCache(model, cfg.class_prompt, seed=cfg.seed, width=cfg.resolution, height=cfg.resolution,
+                              steps=cfg.class_steps, guidance=cfg.class_guidance, root=root)
+    if accelerator.is_main_process:
+        cache.ensure(cfg.num_class_images, should_stop=should_stop)
+    accelerator.wait_for_everyone()
+    return load_images(cache.load(cfg.num_class_images), cfg.resolution, cfg.center_crop, what="class",
+                       multiple=multiple)
 
 
 def pil_to_tensor(img):

@@ -49,7 +49,8 @@ def _check_stop(should_stop: Callable[[], bool] | None, what: str) -> None:
 # ---------------------------------------------------------------------------
 
 
-def _encode_latents(pipe, family: str, images: list, device, should_stop: Callable[[], bool] | None = None) -> Any:
+def _latent_list(pipe, family: str, images: list, device, should_stop: Callable[[], bool] | None = None) -> list:
+    """One [C, h, w] latent per image (frozen VAE, the family's shift and scale)."""
     import torch
 
     from .data import pil_to_tensor
@@ -66,8 +67,18 @@ def _encode_latents(pipe, family: str, images: list, device, should_stop: Callab
             else:
                 lat = lat * vae.config.scaling_factor
             out.append(lat[0].cpu())
-    # [N, C, h, w] when every image is in one bucket, else one [C, h, w] tensor per image
-    return torch.stack(out) if len({tuple(t.shape) for t in out}) == 1 else out
+    return out
+
+
+def _batched(latents: list) -> Any:
+    """[N, C, h, w] when every image is in one bucket, else the list of [C, h, w] tensors."""
+    import torch
+
+    return torch.stack(latents) if len({tuple(t.shape) for t in latents}) == 1 else latents
+
+
+def _encode_latents(pipe, family: str, images: list, device, should_stop: Callable[[], bool] | None = None) -> Any:
+    return _batched(_latent_list(pipe, family, images, device, should_stop))
 
 
 def _encode_prompt(pipe, family: str, prompt: str, device):
@@ -119,9 +130,9 @@ def _dop_prompt(prompt: str, trigger: str, class_word: str) -> str:
     return re.sub(rf"\b{re.escape(trigger)}\b", class_word, out)
 
 
-def cache_data(pipe, family: str, config, instance: list, class_data: list | None, device,
-               should_stop: Callable[[], bool] | None = None) -> TrainData:
-    """Latents (frozen VAE) and prompt embeddings (frozen text encoder) or token ids (trained one), once."""
+def plan_prompts(config, instance: list, class_data: list | None) -> TrainData:
+    """Every element's prompt index and the distinct prompts (captions with the trigger applied, the class,
+    empty and DOP prompts); no tensors yet, no model needed."""
     from .data import apply_trigger
 
     prompts: list[str] = []
@@ -133,13 +144,12 @@ def cache_data(pipe, family: str, config, instance: list, class_data: list | Non
 
     trigger = config.trigger_word
     data = TrainData(
-        inst_latents=_encode_latents(pipe, family, [t.image for t in instance], device, should_stop),
+        inst_latents=None,
         inst_prompt=[prompt_id(apply_trigger(t.caption, trigger, t.source) if t.caption else config.instance_prompt)
                      for t in instance],
         dropout=float(config.caption_dropout),
     )
     if class_data is not None:
-        data.class_latents = _encode_latents(pipe, family, [t.image for t in class_data], device, should_stop)
         data.class_prompt = [prompt_id(config.class_prompt) for _ in class_data]
     if data.dropout:
         data.empty = prompt_id("")
@@ -147,13 +157,49 @@ def cache_data(pipe, family: str, config, instance: list, class_data: list | Non
         data.dop_prompt = {i: prompt_id(_dop_prompt(prompts[i], trigger, config.dop_class))
                            for i in set(data.inst_prompt)}
     data.prompts = prompts
-    for p in prompts:
-        _check_stop(should_stop, "encoding prompts")
-        if config.train_text_encoder:
-            data.ids.append(_token_ids(pipe, p))
-        else:
-            data.embeds.append(_encode_prompt(pipe, family, p, device))
     return data
+
+
+def tensor_names(config, data: TrainData, n_instance: int, n_class: int) -> list[str]:
+    """The names :func:`encode_data` gives the tensors: latents per image, embeddings per prompt."""
+    embeds = 0 if config.train_text_encoder else len(data.prompts)
+    return ([f"instance.{i}" for i in range(n_instance)] + [f"class.{i}" for i in range(n_class)]
+            + [f"embed.{j}" for j in range(embeds)])
+
+
+def encode_data(pipe, family: str, config, data: TrainData, instance: list, class_data: list | None, device,
+                should_stop: Callable[[], bool] | None = None) -> dict:
+    """The encoders' part, by :func:`tensor_names`: VAE latents of the images and, unless the text encoder is
+    trained, the frozen text encoder's embedding of every prompt."""
+    tensors = {}
+    for what, items in (("instance", instance), ("class", class_data or [])):
+        latents = _latent_list(pipe, family, [t.image for t in items], device, should_stop)
+        tensors.update({f"{what}.{i}": t for i, t in enumerate(latents)})
+    if not config.train_text_encoder:
+        for j, p in enumerate(data.prompts):
+            _check_stop(should_stop, "encoding prompts")
+            tensors[f"embed.{j}"] = _encode_prompt(pipe, family, p, device)
+    return tensors
+
+
+def fill_data(pipe, config, data: TrainData, tensors: dict, n_instance: int, n_class: int | None) -> TrainData:
+    """``data`` with the tensors of :func:`encode_data` in place (token ids when the text encoder is trained)."""
+    data.inst_latents = _batched([tensors[f"instance.{i}"] for i in range(n_instance)])
+    if n_class is not None:
+        data.class_latents = _batched([tensors[f"class.{i}"] for i in range(n_class)])
+    if config.train_text_encoder:
+        data.ids = [_token_ids(pipe, p) for p in data.prompts]
+    else:
+        data.embeds = [tensors[f"embed.{j}"] for j in range(len(data.prompts))]
+    return data
+
+
+def cache_data(pipe, family: str, config, instance: list, class_data: list | None, device,
+               should_stop: Callable[[], bool] | None = None) -> TrainData:
+    """Latents (frozen VAE) and prompt embeddings (frozen text encoder) or token ids (trained one), in memory."""
+    data = plan_prompts(config, instance, class_data)
+    tensors = encode_data(pipe, family, config, data, instance, class_data, device, should_stop)
+    return fill_data(pipe, config, data, tensors, len(instance), None if class_data is None else len(class_data))
 
 
 @dataclass
