@@ -290,6 +290,25 @@ def test_validation_preview_and_training_adapter(zmodel, tmp_path):
     assert _same_state(before, zmodel.denoiser)
 
 
+def test_validation_image_is_logged_to_tensorboard(zmodel, tmp_path):
+    import io
+
+    import numpy as np
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    previews = []
+    cfg = _cfg(tmp_path, "tb", steps=4, validation_every=2, validation_prompt="a photo of sks dog",
+               validation_steps=1, log_tensorboard=True)
+    loop.train(zmodel, cfg, _squares(RED), on_step=lambda s, t, p: previews.append(p))
+    events = EventAccumulator(os.path.join(cfg.output_dir, "logs"), size_guidance={"images": 0}).Reload()
+    assert "validation" in events.Tags()["images"] and "loss" in events.Tags()["scalars"]
+    images = events.Images("validation")
+    assert [(e.step, e.width, e.height) for e in images] == [(2, 32, 32), (4, 32, 32)]
+    for event, preview in zip(images, [previews[1], previews[3]], strict=True):
+        logged = Image.open(io.BytesIO(event.encoded_image_string)).convert("RGB")
+        assert np.array_equal(np.asarray(logged), np.asarray(preview))
+
+
 def test_sd1_lora_with_text_encoder_and_full_finetune(tmp_path):
     model = _model("sd1")
     unet_before, te_before = _state(model.denoiser), _state(model.pipe.text_encoder)
@@ -671,6 +690,27 @@ def test_ema_lora_resumes_exactly_and_differs_from_the_trained_one(zmodel, tmp_p
     for bad in (1.0, -0.5, 1.5, float("nan")):
         with pytest.raises(InvalidInputError, match="ema_decay"):
             _cfg(tmp_path, ema_decay=bad)
+
+
+def test_ema_with_the_text_encoder_trained_resumes_exactly_and_removes_its_hooks(tmp_path):
+    """SD1.x LoRA on the UNet and the text encoder with EMA on: both stay trained, a split run equals a straight one,
+    and every accelerate hook (EMA and LoRA state) is removed when the run closes."""
+    model = _model("sd1")
+    kw = dict(family="sd1", resolution=64, steps=4, lr=1e-3, train_text_encoder=True, ema_decay=0.8)
+    done = []
+    cfg = _cfg(tmp_path, "split", checkpoint_every=2, **kw)
+    with _one_thread():  # multi-threaded CPU conv gradients are not reproducible run to run
+        full = loop.train(model, _cfg(tmp_path, "full", **kw), _squares(RED, 64))
+        loop.train(model, cfg, _squares(RED, 64), on_step=lambda s, t, p: done.append(s),
+                   should_stop=lambda: len(done) >= 2)
+        second = loop.train(model, cfg.replace(resume="latest"), _squares(RED, 64))
+    assert full.lora.touches_text_encoder and full.lora_ema is not None
+    assert any("lora_te" in k or "text_encoder" in k for k in full.lora_ema.tensors)
+    assert _same_lora(second.lora, full.lora) and _same_lora(second.lora_ema, full.lora_ema)
+    from accelerate import Accelerator
+
+    fresh = Accelerator(cpu=True)
+    assert not fresh._save_model_state_pre_hook and not fresh._load_model_state_pre_hook
 
 
 def test_lora_on_an_8_bit_base_lowers_the_loss_and_loads_in_diffusers(tmp_path):

@@ -20,11 +20,12 @@ from typing import Any
 from ..manager.errors import InvalidInputError, WrongFamilyError, get_logger
 from ..manager.families import defaults_for
 from . import adapters as A
+from . import cache as C
 from . import ema as E
 from . import memory as M
 from . import state as S
 from .config import TrainConfig
-from .objective import SEED_SPACE, _Objective, assemble_batch, cache_data
+from .objective import SEED_SPACE, _Objective, assemble_batch
 from .plot import save_loss_plot
 
 logger = get_logger(__name__)
@@ -85,18 +86,21 @@ class Run:
         """Images, accelerator, cached latents, adapters, optimizer; loads the checkpoint when resuming."""
         from accelerate.utils import set_seed
 
-        from .data import check_instance_prompt, load_images
+        from .data import check_instance_prompt, class_train_images, load_images, with_captions
 
         cfg = self.config
-        instance = load_images(instance_images, cfg.resolution, cfg.center_crop, what="instance", multiple=self._multiple)
+        instance = with_captions(load_images(instance_images, cfg.resolution, cfg.center_crop, what="instance",
+                                             multiple=self._multiple), cfg.captions)
         check_instance_prompt(cfg.instance_prompt, cfg.class_prompt)
         A.warn_turbo(self.family, cfg)
         self.accelerator = acc = S.make_accelerator(cfg, self.device, self.output_dir)
         self.rank, self.world = acc.process_index, acc.num_processes
         resume_path = S.resolve_resume(cfg, self.output_dir)
         resume_meta = S.check_checkpoint(resume_path, self.model, cfg) if resume_path else None
-        class_data = self._class_images(class_images)
-        self.data = cache_data(self.pipe, self.family, cfg, instance, class_data, self.device, self.should_stop)
+        class_data = class_train_images(self.model, cfg, self.output_dir, acc, class_images, self.should_stop,
+                                        self._multiple)
+        self.data = C.train_data(self.pipe, self.family, self.model.identity, cfg, instance, class_data, self.device,
+                                 self.should_stop, self.output_dir if cfg.cache_to_disk else None, acc.is_main_process)
         self._offloaded = cfg.offload_encoders and self.device.type == "cuda"
         if self._offloaded:  # latents and embeddings are cached: the VAE and text encoder leave the GPU
             M.move_encoders(self.pipe, "cpu")
@@ -113,25 +117,6 @@ class Run:
         self.objective = _Objective(self.pipe, self.family, cfg.seed, cfg.timestep_sampling, cfg.timestep_shift)
         self.dtype = self.model.dtype if self.lora_mode else self.denoiser.dtype
         self._logging = S.start_logging(acc, cfg)
-
-    def _class_images(self, class_images):
-        from . import priors
-        from .data import load_images
-
-        cfg = self.config
-        if not cfg.with_prior_preservation:
-            if class_images is not None:
-                logger.warning("class images were given but with_prior_preservation is off; they are not used")
-            return None
-        if class_images is not None:
-            return load_images(class_images, cfg.resolution, cfg.center_crop, what="class", multiple=self._multiple)
-        root = cfg.class_data_dir or os.path.join(self.output_dir, "class_images")
-        cache = priors.PriorCache(self.model, cfg.class_prompt, seed=cfg.seed, width=cfg.resolution,
-                                  height=cfg.resolution, steps=cfg.class_steps, guidance=cfg.class_guidance, root=root)
-        if self.accelerator.is_main_process:
-            cache.ensure(cfg.num_class_images, should_stop=self.should_stop)
-        self.accelerator.wait_for_everyone()
-        return load_images(cache.load(cfg.num_class_images), cfg.resolution, cfg.center_crop, what="class", multiple=self._multiple)
 
     def _trainables(self) -> None:
         """What is trained: adapters on the shared modules (LoRA) or deep copies (full); guards for the rest."""
@@ -194,10 +179,9 @@ class Run:
         if cfg.ema_decay:
             self.ema = E.make(self.params, cfg.ema_decay)
             self._hooks += E.register_hooks(acc, self.ema)
-            self.te_wrapped = None
         if self.lora_mode:  # a full fine-tune is saved by accelerate itself
             parts = {"denoiser": self.denoiser, **({"text_encoder": self.text_encoder} if self.train_te else {})}
-            self._hooks = S.register_lora_hooks(acc, parts, A.ADAPTER)
+            self._hooks += S.register_lora_hooks(acc, parts, A.ADAPTER)
 
     # -- training -------------------------------------------------------------------------
 
@@ -244,6 +228,8 @@ class Run:
             preview = self._preview()
             if preview is not None:
                 self.previews.append(preview)
+                if self._logging:
+                    _log_image(self.accelerator, preview, step)
         if self.on_step is not None and self.accelerator.is_main_process:
             extra = {"info": {"loss": self.losses[-1], "lr": self.lr_scheduler.get_last_lr()[0]}} \
                 if self._step_info else {}
@@ -387,6 +373,14 @@ class Run:
                         del m.__dict__[key]
         if self.accelerator is not None:
             self.accelerator.free_memory()
+
+
+def _log_image(accelerator, image, step: int) -> None:
+    """The validation image in TensorBoard at ``step`` (accelerate's tracker; a [1, H, W, 3] uint8 batch)."""
+    import numpy as np
+
+    accelerator.get_tracker("tensorboard").log_images({"validation": np.asarray(image)[None]}, step=step,
+                                                      dataformats="NHWC")
 
 
 def _takes_info(callback) -> bool:
