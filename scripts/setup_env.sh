@@ -66,9 +66,9 @@ else
     pip_install "$TORCH_PIN" "$TORCHVISION_PIN"
 fi
 
-# 3. The project itself, editable, with the test extras and the service's (serve, azureml, ray: tests/serve
-#    runs all three). Re-run when pyproject.toml changes.
-EXTRAS="test,serve,azureml,ray"
+# 3. The project itself, editable, with the test extras, the trainer's (train: TensorBoard, bitsandbytes' 8-bit
+#    AdamW) and the service's (serve, azureml, ray: tests/serve runs all three). Re-run when pyproject.toml changes.
+EXTRAS="test,train,serve,azureml,ray"
 STAMP="$VENV/.turbobooth-project.sha256"
 WANT="$(sha256sum "$REPO_ROOT/pyproject.toml" | cut -d' ' -f1) $REPO_ROOT"
 HAVE="$(cat "$STAMP" 2>/dev/null || true)"
