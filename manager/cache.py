@@ -9,6 +9,7 @@ for example). Holders call :func:`ensure_loaded` to get a live model back.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import threading
@@ -39,7 +40,7 @@ class ModelCache:
 
     def get(self, spec: ModelSpec) -> TurboModel:
         """The cached model for ``spec``; loads it on a miss."""
-        from .loading import file_stamp
+        from .loading import estimate_bytes, file_stamp
 
         with self._lock:
             model = self._items.get(spec)
@@ -50,11 +51,13 @@ class ModelCache:
             if model is not None:
                 self._items.move_to_end(spec)
                 return model
-            self._make_room(spec)
+            # release first what the new model's files would not fit beside, so two models that do not fit together
+            # are never in memory at once (Base goes before Turbo loads); then what it outgrew its estimate by
+            self._evict(estimate_bytes(spec))
             model = self._load(spec)
             self.loads += 1
             self._items[spec] = model
-            self._evict_over_budget(keep=spec)
+            self._evict(0, keep=spec)
             return model
 
     def peek(self, spec: ModelSpec) -> TurboModel | None:
@@ -78,17 +81,9 @@ class ModelCache:
         """Call ``listener(model)`` whenever a model leaves the cache."""
         self._listeners.append(listener)
 
-    def _make_room(self, spec: ModelSpec) -> None:
-        """Before a load: release least-recently-used models until the new one's files fit the budget too, so
-        two models that do not fit together are never in memory at once (Base goes before Turbo loads)."""
-        from .loading import estimate_bytes
-
-        need = estimate_bytes(spec)
+    def _evict(self, need: int, keep: ModelSpec | None = None) -> None:
+        """Release least-recently-used models (never ``keep``) until ``need`` more bytes fit the budget."""
         while self._items and self.total_bytes + need > self.budget:
-            self.release(next(iter(self._items)))
-
-    def _evict_over_budget(self, keep: ModelSpec) -> None:
-        while self.total_bytes > self.budget and len(self._items) > 1:
             oldest = next(iter(self._items))
             if oldest == keep:
                 break
@@ -116,24 +111,15 @@ class ModelCache:
             self.release(spec)
         return len(specs)
 
-    def set_budget(self, budget_bytes: int) -> None:
-        with self._lock:
-            self.budget = int(budget_bytes)
-            if self._items:
-                self._evict_over_budget(keep=next(reversed(self._items)))
-
 
 def _free(model: TurboModel) -> None:
     import torch
 
     pipe = model.pipe
     model.extras.clear()
-    model.extras["released"] = True
     if pipe is not None:
-        try:
+        with contextlib.suppress(Exception):  # offload hooks may be absent
             pipe.maybe_free_model_hooks()
-        except Exception:  # offload hooks may be absent
-            pass
         for name in list(getattr(pipe, "components", {})):
             setattr(pipe, name, None)
     model.pipe = None
@@ -151,14 +137,12 @@ def get_model(spec: ModelSpec) -> TurboModel:
 
 
 def is_released(model: TurboModel) -> bool:
-    return model.pipe is None or bool(model.extras.get("released"))
+    return model.pipe is None
 
 
 def ensure_loaded(model: TurboModel) -> TurboModel:
     """Return a live model for ``model``'s spec, reloading it if it was released meanwhile."""
     if not is_released(model):
         return model
-    if model.extras.get("not_cached"):
-        raise RuntimeError("this fine-tuned model was freed; run the training node again")
     logger.info("model %s was freed; loading it again", model.spec.source)
     return CACHE.get(model.spec)

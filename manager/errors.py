@@ -5,12 +5,14 @@ Every error names the offending value and what is allowed instead.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 
 # Hugging Face tokens and HTTP credentials, wherever a server or library echoes them back
-_SECRETS = re.compile(r"(hf_[A-Za-z0-9]{8,})|((?:authorization|token)[\"']?\s*[:=]\s*[\"']?(?:bearer\s+)?)[^\s\"',}]+",
-                      re.IGNORECASE)
+_SECRETS = re.compile(
+    r"(hf_[A-Za-z0-9]{8,})|((?:authorization|token)[\"']?\s*[:=]\s*[\"']?(?:bearer\s+)?)[^\s\"',}]+", re.IGNORECASE
+)
 
 
 def scrub(text: str) -> str:
@@ -67,3 +69,19 @@ def check_choices(**choices: tuple) -> None:
     for name, (value, allowed) in choices.items():
         if value not in allowed:
             raise InvalidInputError(f"{name}={value!r} is not supported; allowed: {', '.join(allowed)}")
+
+
+@contextlib.contextmanager
+def explained(what: str, mismatch: str = "a file of another model family or size?"):
+    """Turn a library's failure to load ``what`` into a ModelSourceError that says what to do."""
+    try:
+        yield
+    except Exception as e:  # diffusers and transformers raise many kinds for a mismatching or broken file
+        text = str(e)
+        if "size mismatch" in text or "shape" in text.lower():
+            text = f"the weights do not match the model config ({mismatch}): {text[:300]}"
+        elif "out of memory" in text.lower():
+            text = f"out of memory: choose fp8/bf16, enable offload, or free models in ComfyUI. {text[:200]}"
+        else:
+            text = f"{type(e).__name__}: {text}"
+        raise ModelSourceError(f"could not load {what}: {text[:500]}") from e

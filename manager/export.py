@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-
-from .errors import InvalidInputError, get_logger
+from .errors import InvalidInputError
 from .paths import atomic_dir, check_writable, safe_name, unique_path
-
-logger = get_logger(__name__)
 
 
 def save_lora(lora, folder: str, name: str, overwrite: bool = False) -> str:
@@ -17,10 +11,9 @@ def save_lora(lora, folder: str, name: str, overwrite: bool = False) -> str:
     from .lora import save_lora_file
 
     check_writable(folder)
-    stem = safe_name(name[:-12] if name.endswith(".safetensors") else name, "turbobooth_lora")
+    stem = safe_name(name.removesuffix(".safetensors"), "turbobooth_lora")
     path = unique_path(folder, stem, ".safetensors", overwrite=overwrite)
     save_lora_file(lora, path)
-    logger.info("saved LoRA to %s", path)
     return path
 
 
@@ -33,22 +26,9 @@ def save_model(model, folder: str, name: str, model_format: str = "diffusers fol
             raise InvalidInputError(
                 f"single-file export is for SD1.x; a {model.family} model is saved as a diffusers folder"
             )
-        from .writers import save_sd1_single_file
+        from .writers import write_sd1_checkpoint
 
-        path = unique_path(folder, stem, ".safetensors", overwrite=overwrite)
-        tmp_root = tempfile.mkdtemp(prefix=".turbobooth-export-", dir=folder)
-        try:
-            written = save_sd1_single_file(model.pipe, tmp_root, name=stem)
-            os.replace(written["sd1_single_file"], path)
-            tok = written.get("sd1_tokenizer")
-            if tok and os.path.isdir(tok):
-                tok_final = os.path.splitext(path)[0] + "_tokenizer"
-                if os.path.exists(tok_final):
-                    shutil.rmtree(tok_final)
-                os.replace(tok, tok_final)
-        finally:
-            shutil.rmtree(tmp_root, ignore_errors=True)
-        return path
+        return write_sd1_checkpoint(model.pipe, unique_path(folder, stem, ".safetensors", overwrite=overwrite))
     if model_format != "diffusers folder":
         raise InvalidInputError(f"model_format {model_format!r} is not one of: diffusers folder, single file (SD1.x)")
     path = unique_path(folder, stem, "", overwrite=overwrite)

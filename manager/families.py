@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -72,20 +72,16 @@ def detect_variant(names, scheduler_shift: float | None) -> str:
         return "deturbo"
     if "turbo" in text:
         return "turbo"
-    if scheduler_shift is not None and float(scheduler_shift) != TURBO_SHIFT:
-        return "base"
-    return "turbo" if scheduler_shift is not None else "base"
+    return "turbo" if scheduler_shift is not None and float(scheduler_shift) == TURBO_SHIFT else "base"
 
 
 def model_defaults(family: str, variant: str = "") -> FamilyDefaults:
     """The family's defaults with the variant's steps and guidance (Z-Image); SD1.x has no variants."""
     base = defaults_for(family)
     v = ZIMAGE_VARIANTS.get(variant) if family == "zimage" else None
-    if v is None:
-        return base
-    import dataclasses
+    return base if v is None else replace(base, steps=v.steps, guidance=v.guidance, label=v.label)
 
-    return dataclasses.replace(base, steps=v.steps, guidance=v.guidance, label=v.label)
+
 #: diffusers pipeline class name -> family
 PIPELINE_FAMILIES = {cls: f.name for f in FAMILIES.values() for cls in f.pipelines}
 

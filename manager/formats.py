@@ -18,17 +18,16 @@ import shutil
 import tempfile
 from collections.abc import Iterable
 
-from .errors import ModelSourceError, WrongFamilyError, get_logger
+from .errors import ModelSourceError, WrongFamilyError, explained, get_logger
 from .families import defaults_for
 from .safety import check_safetensors, safetensors_keys
-from .writers import METADATA_CONFIG_KEY, SD1_CLIP_PREFIX, SD1_UNET_PREFIX
+from .writers import METADATA_CONFIG_KEY, SD1_CLIP_PREFIX, SD1_UNET_PREFIX, SD1_VAE_PREFIX
 
 logger = get_logger(__name__)
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
-
-# Prefixes under which a bare diffusion model may be stored in a single file.
-_DIFFUSION_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+#: SD1.x pipelines load without the NSFW safety checker
+NO_SAFETY_CHECKER = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 # What a file holds, for error messages: kind -> (description, family or None).
 _KIND_LABELS = {
@@ -48,30 +47,12 @@ _KIND_LABELS = {
 }
 
 
-
-def _strip_diffusion_prefix(keys: Iterable[str]) -> list[str]:
-    out = []
-    for k in keys:
-        for p in _DIFFUSION_PREFIXES:
-            if k.startswith(p):
-                k = k[len(p) :]
-                break
-        out.append(k)
-    return out
-
-
 def classify_keys(keys: Iterable[str]) -> str | None:
-    """What a safetensors file holds, judged from its key names.
-
-    Returns one of the kinds in ``_KIND_LABELS`` ("zimage_transformer",
-    "sd1_checkpoint", "qwen3_text_encoder", "vae", ...) or None when unknown.
-    """
+    """What a safetensors file holds, judged from its key names: a kind of ``_KIND_LABELS``, or None if unknown."""
     keys = list(keys)
-    key_set = set(keys)
     if any(".lora_A." in k or ".lora_down." in k or k.startswith("lora_unet_") for k in keys):
         return "lora"
-    has_unet = any(k.startswith(SD1_UNET_PREFIX + "input_blocks.") for k in keys)
-    if has_unet:
+    if any(k.startswith(SD1_UNET_PREFIX + "input_blocks.") for k in keys):
         if any(k.startswith("conditioner.embedders.") for k in keys):
             return "sdxl_checkpoint"
         if any(k.startswith("cond_stage_model.model.") for k in keys):
@@ -79,7 +60,7 @@ def classify_keys(keys: Iterable[str]) -> str | None:
         if any(k.startswith(SD1_CLIP_PREFIX) for k in keys):
             return "sd1_checkpoint"
         return "ldm_unet"
-    bare = set(_strip_diffusion_prefix(keys))
+    bare = {re.sub(r"^(model\.)?diffusion_model\.", "", k) for k in keys}  # how bare diffusion models are stored
     if ("cap_embedder.1.weight" in bare and ("x_pad_token" in bare or "x_embedder.weight" in bare)) or (
         "all_x_embedder.2-1.weight" in bare
     ):
@@ -88,7 +69,7 @@ def classify_keys(keys: Iterable[str]) -> str | None:
         return "flux_transformer"
     if "input_blocks.0.0.weight" in bare:
         return "ldm_unet"
-    if "conv_in.weight" in key_set and any(k.startswith("down_blocks.") for k in keys):
+    if "conv_in.weight" in keys and any(k.startswith("down_blocks.") for k in keys):
         return "diffusers_unet"
     if any(k.startswith("encoder.down.") or k.startswith("encoder.down_blocks.") for k in keys) and any(
         k.startswith("decoder.") for k in keys
@@ -98,9 +79,7 @@ def classify_keys(keys: Iterable[str]) -> str | None:
         return "vae"
     llm = [k for k in keys if re.match(r"^(model\.)?layers\.\d+\.self_attn\.", k)]
     if llm:
-        if any(k.endswith("self_attn.q_norm.weight") for k in llm):
-            return "qwen3_text_encoder"
-        return "llm_text_encoder"
+        return "qwen3_text_encoder" if any(k.endswith("self_attn.q_norm.weight") for k in llm) else "llm_text_encoder"
     if any("text_model.encoder.layers." in k or k.startswith("encoder.layers.0.self_attn.k_proj") for k in keys):
         return "clip_text_encoder"
     if any(k.startswith("encoder.block.") or k.startswith("shared.") for k in keys):
@@ -113,32 +92,7 @@ def detect_family_from_keys(keys: Iterable[str]) -> str | None:
 
     Component files that several families share (a VAE, a text encoder) give None.
     """
-    kind = classify_keys(keys)
-    if kind is None:
-        return None
-    return _KIND_LABELS[kind][1]
-
-
-def _describe(kind: str | None) -> str:
-    if kind is None:
-        return "a file of an unrecognised kind"
-    return _KIND_LABELS[kind][0]
-
-
-def _wrong(path: str, kind: str | None, expected_family: str, expected_what: str, hint: str = "") -> WrongFamilyError:
-    found_family = _KIND_LABELS[kind][1] if kind else None
-    found = _describe(kind)
-    if found_family:
-        found += f" (family {found_family!r})"
-    msg = (
-        f"{path!r} holds {found}, but {expected_what} of the {defaults_for(expected_family).label} family "
-        f"(family {expected_family!r}) was expected."
-    )
-    if hint:
-        msg += " " + hint
-    return WrongFamilyError(msg)
-
-
+    return _KIND_LABELS.get(classify_keys(keys), (None, None))[1]
 
 
 # ---------------------------------------------------------------------------
@@ -193,18 +147,17 @@ def config_folder(family: str, files: Iterable[str], config: str | None = None):
         yield tmp
 
 
+def _tokenizer_places(model_path: str, strip_suffixes: tuple[str, ...]) -> list[str]:
+    folder, stem = os.path.split(os.path.splitext(model_path)[0])
+    stems = [stem] + [stem[: -len(s)] for s in strip_suffixes if stem.endswith(s) and len(stem) > len(s)]
+    return [os.path.join(folder, s + "_tokenizer") for s in stems] + [os.path.join(folder, "tokenizer")]
+
+
 def find_tokenizer(model_path: str | None, strip_suffixes: tuple[str, ...] = ()) -> str | None:
     """A tokenizer folder beside a weights file: ``<stem>_tokenizer`` (also with a suffix such as ``_qwen3``
     stripped from the stem), or ``tokenizer``."""
-    if not model_path:
-        return None
-    folder = os.path.dirname(model_path)
-    stem = os.path.splitext(os.path.basename(model_path))[0]
-    stems = [stem] + [stem[: -len(s)] for s in strip_suffixes if stem.endswith(s) and len(stem) > len(s)]
-    for c in [os.path.join(folder, s + "_tokenizer") for s in stems] + [os.path.join(folder, "tokenizer")]:
-        if os.path.isdir(c):
-            return c
-    return None
+    places = _tokenizer_places(model_path, strip_suffixes) if model_path else []
+    return next((p for p in places if os.path.isdir(p)), None)
 
 
 def load_tokenizer(folder: str | None, model_path: str, family: str, strip_suffixes: tuple[str, ...] = ()):
@@ -212,10 +165,7 @@ def load_tokenizer(folder: str | None, model_path: str, family: str, strip_suffi
 
     folder = folder or find_tokenizer(model_path, strip_suffixes)
     if folder is None:
-        stem = os.path.splitext(os.path.basename(model_path))[0]
-        for s in strip_suffixes:
-            stem = stem[: -len(s)] if stem.endswith(s) else stem
-        expected = os.path.join(os.path.dirname(model_path), stem + "_tokenizer")
+        expected = _tokenizer_places(model_path, strip_suffixes)[-2]
         raise ModelSourceError(
             f"no tokenizer for {model_path!r}: pass a tokenizer folder (tokenizer_config.json with vocab/merges or "
             f"tokenizer.json), or put one at {expected!r}"
@@ -248,15 +198,15 @@ def check_kind(path: str, want: str, family: str, what: str, hint: str = "") -> 
         )
     kind = classify_keys(keys)
     if kind != want:
-        raise _wrong(path, kind, family, what, hint)
+        found, found_family = _KIND_LABELS.get(kind, ("a file of an unrecognised kind", None))
+        found += f" (family {found_family!r})" if found_family else ""
+        raise WrongFamilyError(
+            f"{path!r} holds {found}, but {what} of the {defaults_for(family).label} family (family {family!r}) was "
+            f"expected. {hint}".rstrip()
+        )
 
 
-def _explained(what: str, path: str, e: Exception) -> ModelSourceError:
-    text = str(e)
-    if "size mismatch" in text or "shape" in text.lower():
-        text = ("its weights do not match the model config (another model size or variant? pass a config folder "
-                f"of a matching diffusers model): {text[:300]}")
-    return ModelSourceError(f"could not load the {what} from {path!r}: {text[:500]}")
+_MISMATCH = "another model size or variant? pass a config folder of a matching diffusers model"
 
 
 def load_zimage_split(diffusion_model: str, text_encoder: str, vae: str, tokenizer: str | None = None, dtype=None,
@@ -272,31 +222,24 @@ def load_zimage_split(diffusion_model: str, text_encoder: str, vae: str, tokeniz
     from transformers import Qwen3Config, Qwen3Model
 
     dtype = dtype or torch.float32
-    files = {"diffusion model": diffusion_model, "Qwen3 text encoder": text_encoder, "VAE": vae}
-    for (role, path), (want, hint) in zip(files.items(), (
-        ("zimage_transformer", "Put z_image_turbo_bf16.safetensors (or similar) here."),
-        ("qwen3_text_encoder", "Z-Image uses qwen_3_4b.safetensors."),
-        ("vae", "Z-Image uses the 16-channel Flux VAE, ae.safetensors."),
-    ), strict=True):
+    for path, want, role, hint in (
+        (diffusion_model, "zimage_transformer", "diffusion model", "Put z_image_turbo_bf16.safetensors here."),
+        (text_encoder, "qwen3_text_encoder", "Qwen3 text encoder", "Z-Image uses qwen_3_4b.safetensors."),
+        (vae, "vae", "VAE", "Z-Image uses the 16-channel Flux VAE, ae.safetensors."),
+    ):
         check_kind(path, want, "zimage", f"the {role}", hint)
     check_latent_channels(vae, "zimage")
     tok = load_tokenizer(tokenizer, text_encoder, "zimage", strip_suffixes=("_qwen3",))
-    with config_folder("zimage", files.values(), config) as folder:
+    with config_folder("zimage", (diffusion_model, text_encoder, vae), config) as folder:
         common = dict(config=folder, local_files_only=True, torch_dtype=dtype)
-        try:
+        with explained(f"the Z-Image diffusion model from {diffusion_model!r}", _MISMATCH):
             transformer = ZImageTransformer2DModel.from_single_file(diffusion_model, subfolder="transformer", **common)
-        except Exception as e:  # diffusers raises many kinds for a mismatching file
-            raise _explained("Z-Image diffusion model", diffusion_model, e) from e
-        try:
+        with explained(f"the VAE from {vae!r}", _MISMATCH):
             ae = AutoencoderKL.from_single_file(vae, subfolder="vae", **common)
-        except Exception as e:
-            raise _explained("VAE", vae, e) from e
         state = {k: v for k, v in load_file(text_encoder).items() if not k.startswith("lm_head.")}
-        try:
-            te = Qwen3Model.from_pretrained(None, config=Qwen3Config.from_pretrained(os.path.join(folder, "text_encoder")),
-                                            state_dict=state, dtype=dtype)
-        except Exception as e:
-            raise _explained("Qwen3 text encoder", text_encoder, e) from e
+        with explained(f"the Qwen3 text encoder from {text_encoder!r}", _MISMATCH):
+            te_config = Qwen3Config.from_pretrained(os.path.join(folder, "text_encoder"))
+            te = Qwen3Model.from_pretrained(None, config=te_config, state_dict=state, dtype=dtype)
         scheduler = _scheduler(folder)
     logger.info("loaded Z-Image from split files %s", diffusion_model)
     return ZImagePipeline(scheduler=scheduler, vae=ae, text_encoder=te, tokenizer=tok, transformer=transformer)
@@ -305,13 +248,13 @@ def load_zimage_split(diffusion_model: str, text_encoder: str, vae: str, tokeniz
 def _scheduler(folder: str):
     import diffusers
 
-    cfg_path = os.path.join(folder, "scheduler", "scheduler_config.json")
-    with open(cfg_path, encoding="utf-8") as f:
+    path = os.path.join(folder, "scheduler", "scheduler_config.json")
+    with open(path, encoding="utf-8") as f:
         cfg = json.load(f)
-    cls = getattr(diffusers, str(cfg.get("_class_name")), None)
-    if cls is None or not str(cfg.get("_class_name")).endswith("Scheduler"):
-        raise ModelSourceError(f"unknown scheduler {cfg.get('_class_name')!r} in {cfg_path}")
-    return cls.from_config(cfg)
+    name = str(cfg.get("_class_name"))
+    if not name.endswith("Scheduler") or not hasattr(diffusers, name):
+        raise ModelSourceError(f"unknown scheduler {name!r} in {path}")
+    return getattr(diffusers, name).from_config(cfg)
 
 
 def check_latent_channels(path: str, family: str, prefix: str = "") -> None:
@@ -340,19 +283,18 @@ def load_sd1_single_file(path: str, tokenizer: str | None = None, dtype=None, co
     from diffusers import StableDiffusionPipeline
 
     dtype = dtype or torch.float32
-    check_kind(path, "sd1_checkpoint", "sd1", "a single-file checkpoint",
-               "Z-Image files load as split files (diffusion model, text encoder, VAE)."
-               if classify_keys(safetensors_keys(path)) == "zimage_transformer" else "")
-    if not any(k.startswith("first_stage_model.") for k in safetensors_keys(path)):
+    keys = safetensors_keys(path)
+    split = classify_keys(keys) == "zimage_transformer"
+    hint = "Z-Image files load as split files (diffusion model, text encoder, VAE)." if split else ""
+    check_kind(path, "sd1_checkpoint", "sd1", "a single-file checkpoint", hint)
+    if not any(k.startswith(SD1_VAE_PREFIX) for k in keys):
         raise ModelSourceError(f"{path!r} has no VAE (first_stage_model.*) weights; it is not a full checkpoint")
-    check_latent_channels(path, "sd1", prefix="first_stage_model.")
+    check_latent_channels(path, "sd1", prefix=SD1_VAE_PREFIX)
     tok = load_tokenizer(tokenizer, path, "sd1")
     with config_folder("sd1", [path], config) as folder:
-        try:
+        with explained(f"the SD1.x checkpoint from {path!r}", _MISMATCH):
             pipe = StableDiffusionPipeline.from_single_file(
-                path, config=folder, local_files_only=True, torch_dtype=dtype, tokenizer=tok, safety_checker=None,
-                feature_extractor=None, requires_safety_checker=False)
-        except Exception as e:  # diffusers raises many kinds for a mismatching file
-            raise _explained("SD1.x checkpoint", path, e) from e
+                path, config=folder, local_files_only=True, torch_dtype=dtype, tokenizer=tok, **NO_SAFETY_CHECKER
+            )
     logger.info("loaded SD1.x single file %s", path)
     return pipe

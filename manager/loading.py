@@ -14,8 +14,9 @@ import logging
 import os
 import warnings
 
-from .errors import ModelSourceError, UnsafeFileError, WrongFamilyError, get_logger
+from .errors import ModelSourceError, UnsafeFileError, WrongFamilyError, explained, get_logger
 from .families import FAMILIES, PIPELINE_FAMILIES, defaults_for, detect_variant
+from .formats import NO_SAFETY_CHECKER
 from .model import TurboModel
 from .safety import PICKLE_SUFFIXES, check_safetensors
 from .spec import ModelSpec
@@ -26,19 +27,11 @@ WEIGHTED_COMPONENTS = ("transformer", "unet", "text_encoder", "vae")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model"]
 
 
-class _DropMessage:
-    """A logging filter that drops one known, meaningless library message."""
-
-    def __init__(self, text: str):
-        self.text = text
-
-    def filter(self, record) -> bool:
-        return self.text not in record.getMessage()
-
-
 # diffusers warns on every img2img pipeline built from loaded components that an empty list of modules should
 # stay in float32; it names nothing, so it says nothing
-logging.getLogger("diffusers.models.modeling_utils").addFilter(_DropMessage("should be kept in float32: []"))
+logging.getLogger("diffusers.models.modeling_utils").addFilter(
+    lambda record: "should be kept in float32: []" not in record.getMessage()
+)
 
 
 def resolve_torch_dtype(name: str, device: str):
@@ -58,9 +51,7 @@ def resolve_torch_dtype(name: str, device: str):
         storage = torch.float8_e4m3fn if name == "fp8_e4m3fn" else torch.float8_e5m2
         return (torch.bfloat16 if cuda else torch.float32), storage
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-    if not cuda and dtype != torch.float32:
-        return torch.float32, dtype
-    return dtype, None
+    return (torch.float32, dtype) if not cuda and dtype != torch.float32 else (dtype, None)
 
 
 def resolve_device(device: str) -> str:
@@ -181,10 +172,7 @@ def estimate_bytes(spec: ModelSpec) -> int:
 
 
 def _folder_weight_files(folder: str) -> list[str]:
-    out = []
-    for comp in WEIGHTED_COMPONENTS:
-        out += [f for f in _component_weights(folder, comp) if f.endswith(".safetensors")]
-    return out
+    return [f for c in WEIGHTED_COMPONENTS for f in _component_weights(folder, c) if f.endswith(".safetensors")]
 
 
 def hub_snapshot(repo_id: str, revision: str | None) -> tuple[str, str]:
@@ -193,77 +181,53 @@ def hub_snapshot(repo_id: str, revision: str | None) -> tuple[str, str]:
     Offline (``HF_HUB_OFFLINE=1``) only the local cache is used. The token
     comes from ``HF_TOKEN`` / the hub login and is never logged.
     """
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+    from huggingface_hub import errors, snapshot_download
 
     revision = revision or "main"
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-    try:
-        path = snapshot_download(
-            repo_id=repo_id,
-            revision=revision,
-            allow_patterns=HUB_PATTERNS,
-            local_files_only=offline,
-        )
-    except RevisionNotFoundError:
-        raise ModelSourceError(f"revision {revision!r} does not exist in {repo_id}; use a branch, tag or commit of it") from None
-    except GatedRepoError:
-        raise ModelSourceError(
+    where = "HF_HUB_OFFLINE is set and" if offline else "the Hub is unreachable and"
+    known = {  # most specific first: a gated repo is also a repo not found
+        errors.RevisionNotFoundError: (
+            f"revision {revision!r} does not exist in {repo_id}; use a branch, tag or commit of it"
+        ),
+        errors.GatedRepoError: (
             f"{repo_id} is gated: accept its licence on the Hub and set HF_TOKEN (or run `hf auth login`)"
-        ) from None
-    except RepositoryNotFoundError:
-        raise ModelSourceError(
+        ),
+        errors.RepositoryNotFoundError: (
             f"Hugging Face repo {repo_id!r} was not found (or is private: set HF_TOKEN); check the spelling"
-        ) from None
-    except LocalEntryNotFoundError:
-        where = "HF_HUB_OFFLINE is set and" if offline else "the Hub is unreachable and"
-        raise ModelSourceError(
+        ),
+        errors.LocalEntryNotFoundError: (
             f"{repo_id}@{revision} is not available: {where} the local Hugging Face cache has no snapshot of that "
             "revision. Download it once while online, or pick a cached revision"
-        ) from None
-    except (OSError, ValueError) as e:
+        ),
+    }
+    try:
+        path = snapshot_download(
+            repo_id=repo_id, revision=revision, allow_patterns=HUB_PATTERNS, local_files_only=offline
+        )
+    except (OSError, ValueError) as e:  # every huggingface_hub error is one of these
         # from None: the library's own exception may carry the server's echo of a token or header
-        raise ModelSourceError(f"could not fetch {repo_id}@{revision}: {type(e).__name__}: {e}") from None
+        generic = f"could not fetch {repo_id}@{revision}: {type(e).__name__}: {e}"
+        raise ModelSourceError(next((m for cls, m in known.items() if isinstance(e, cls)), generic)) from None
     return path, os.path.basename(os.path.normpath(path))
 
 
 def _load_diffusers(folder: str, family: str, torch_dtype):
     cls = defaults_for(family).pipeline_class()
-    kwargs = {}
-    if family == "sd1":
-        kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    try:
-        with warnings.catch_warnings():  # newer diffusers renamed torch_dtype to dtype; older ones know only torch_dtype
-            warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
-            return cls.from_pretrained(folder, torch_dtype=torch_dtype, use_safetensors=True, local_files_only=True,
-                                       **kwargs)
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
-        raise ModelSourceError(f"could not load the diffusers model in {folder}: {_explain(e)}") from e
-
-
-def _explain(e: Exception) -> str:
-    text = str(e)
-    if "size mismatch" in text or "shape" in text and "mismatch" in text:
-        return "the weights do not match the model config (a file of another model family or size?). " + text[:300]
-    if "out of memory" in text.lower():
-        return "out of memory: choose fp8/bf16, enable offload, or free models in ComfyUI. " + text[:200]
-    return f"{type(e).__name__}: {text[:500]}"
+    kwargs = NO_SAFETY_CHECKER if family == "sd1" else {}
+    with explained(f"the diffusers model in {folder}"), warnings.catch_warnings():
+        # newer diffusers renamed torch_dtype to dtype; older ones know only torch_dtype
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
+        return cls.from_pretrained(
+            folder, torch_dtype=torch_dtype, use_safetensors=True, local_files_only=True, **kwargs
+        )
 
 
 def module_nbytes(pipe) -> int:
+    """Bytes of every weight and buffer of the pipeline's models, in the dtypes they are stored in."""
     import torch
 
-    total = 0
-    for comp in pipe.components.values():
-        if isinstance(comp, torch.nn.Module):
-            for t in list(comp.parameters()) + list(comp.buffers()):
-                total += t.numel() * t.element_size()
-    return total
+    return sum(c.get_memory_footprint() for c in pipe.components.values() if isinstance(c, torch.nn.Module))
 
 
 def load_model(spec: ModelSpec) -> TurboModel:
@@ -299,12 +263,6 @@ def _open_source(spec: ModelSpec, torch_dtype):
         check_split_files(files)
         pipe = formats.load_zimage_split(*files, tokenizer=spec.tokenizer, dtype=torch_dtype)
         return pipe, "zimage", f"split:{fingerprint(files)}", spec.revision
-    check_safetensors(spec.source, "checkpoint")
-    if formats.detect_family_from_keys(formats.safetensors_keys(spec.source)) == "zimage":
-        raise WrongFamilyError(
-            f"{spec.source} is a Z-Image diffusion model file, not a full checkpoint; load it in 'split files' "
-            "mode together with its text encoder and VAE"
-        )
     if spec.family not in ("auto", "sd1"):
         raise WrongFamilyError(f"single-file checkpoints are supported for SD1.x only, not {spec.family!r}")
     pipe = formats.load_sd1_single_file(spec.source, tokenizer=spec.tokenizer, dtype=torch_dtype)
@@ -318,8 +276,6 @@ def check_split_files(files: list[str]) -> None:
     if missing:
         raise ModelSourceError("missing split files: " + "; ".join(missing) + ". Put each file in its ComfyUI folder "
                                "(models/diffusion_models, models/text_encoders, models/vae)")
-    for role, path in zip(roles, files, strict=True):
-        check_safetensors(path, role)
 
 
 def _store_in(pipe, family: str, storage, compute) -> None:
@@ -340,16 +296,11 @@ def _load_model(spec: ModelSpec) -> TurboModel:
     pipe, family, identity, revision = _open_source(spec, torch_dtype)
     if revision:
         identity += f"@{revision}"
-    if family == "sd1" and getattr(pipe, "safety_checker", None) is not None:
-        pipe.safety_checker = None
     pipe.set_progress_bar_config(disable=True)
     if storage is not None:
         _store_in(pipe, family, storage, torch_dtype)
     if spec.offload != "none" and device.startswith("cuda"):
-        if spec.offload == "model":
-            pipe.enable_model_cpu_offload(device=device)
-        else:
-            pipe.enable_sequential_cpu_offload(device=device)
+        getattr(pipe, f"enable_{spec.offload}_cpu_offload")(device=device)  # enable_model_ / enable_sequential_
     else:
         if spec.offload != "none":
             logger.warning("offload=%s needs a CUDA device; running on %s without offload", spec.offload, device)

@@ -26,10 +26,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from .errors import InvalidInputError, WrongFamilyError, get_logger
-from .paths import atomic_file
-
-logger = get_logger(__name__)
+from .errors import InvalidInputError, WrongFamilyError
 
 FORMAT_VERSION = "2"
 ADAPTER_PREFIX = "turbobooth_"
@@ -83,9 +80,6 @@ class TurboLora:
     def trigger(self) -> str:
         return self.metadata.get("trigger", "")
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
-
     def check_finite(self) -> None:
         """Refuse NaN/Inf weights: they would turn every image black."""
         bad = [k for k, v in self.tensors.items() if v.is_floating_point() and not bool(v.isfinite().all())]
@@ -107,24 +101,11 @@ class TurboLora:
 # ---------------------------------------------------------------------------
 
 
-def _adapter_modules(root, name: str) -> int:
-    """How many layers of ``root`` carry the adapter ``name`` (peft's public ``lora_A`` containers)."""
-    if root is None:
-        return 0
-    return sum(1 for _, m in root.named_modules() if name in (getattr(m, "lora_A", None) or {}))
-
-
-def _upcast_8_bit(model, adapter_name: str) -> None:
-    """LoRA layers are created in their base layer's dtype; over an 8-bit base (fp8 storage) they would hold
-    8-bit weights that CPUs cannot multiply, so they get the compute dtype."""
-    import torch
-
-    compute = torch.bfloat16 if str(model.device).startswith("cuda") else torch.float32
-    for _, module in model.denoiser.named_modules():
-        for part in ("lora_A", "lora_B"):
-            layers = getattr(module, part, None)
-            if layers is not None and adapter_name in layers and layers[adapter_name].weight.dtype.itemsize == 1:
-                layers[adapter_name].to(compute)
+def _adapter_layers(model, name: str) -> list:
+    """The layers of the denoiser and text encoder that carry the adapter ``name`` (peft's ``lora_A`` containers)."""
+    roots = (model.denoiser, getattr(model.pipe, "text_encoder", None))
+    modules = (m for root in roots if root is not None for _, m in root.named_modules())
+    return [m for m in modules if name in (getattr(m, "lora_A", None) or {})]
 
 
 def attach(model, lora: TurboLora, adapter_name: str) -> None:
@@ -132,26 +113,31 @@ def attach(model, lora: TurboLora, adapter_name: str) -> None:
 
     Raises WrongFamilyError when the LoRA is for the other family, or when its modules or shapes do not fit.
     """
+    import torch
+
     if lora.family != model.family:
         raise WrongFamilyError(
             f"this LoRA is for {lora.family!r} models but the loaded model is {model.family!r}; "
             "load a LoRA trained for this model family"
         )
-    pipe = model.pipe
     try:
-        pipe.load_lora_weights(dict(lora.tensors), adapter_name=adapter_name)
+        model.pipe.load_lora_weights(dict(lora.tensors), adapter_name=adapter_name)
     except (RuntimeError, ValueError, KeyError) as e:
         raise WrongFamilyError(
             f"this LoRA does not fit the loaded model ({str(e)[:300]}); it was probably trained for another model "
             "size or family"
         ) from e
-    _upcast_8_bit(model, adapter_name)
-    found = _adapter_modules(model.denoiser, adapter_name) + _adapter_modules(getattr(pipe, "text_encoder", None),
-                                                                             adapter_name)
+    layers = _adapter_layers(model, adapter_name)
+    # LoRA layers are created in their base layer's dtype; over an 8-bit base (fp8 storage) they would hold 8-bit
+    # weights that CPUs cannot multiply, so they get the compute dtype
+    compute = torch.bfloat16 if str(model.device).startswith("cuda") else torch.float32
+    for part in (p for m in layers for p in (m.lora_A[adapter_name], m.lora_B[adapter_name])):
+        if part.weight.dtype.itemsize == 1:
+            part.to(compute)
     expected = len(lora.down_keys)
-    if found < expected:
+    if len(layers) < expected:
         raise WrongFamilyError(
-            f"this LoRA does not fit the loaded model: only {found} of its {expected} modules exist in it. "
+            f"this LoRA does not fit the loaded model: only {len(layers)} of its {expected} modules exist in it. "
             "It was probably trained for another model or family."
         )
 
@@ -203,21 +189,18 @@ def file_metadata(lora: TurboLora) -> dict[str, str]:
 
 def save_lora_file(lora: TurboLora, path: str) -> str:
     """Write ``lora`` to ``path`` (``.safetensors``) atomically and return the absolute path."""
-    from safetensors.torch import save_file
+    from .writers import save_tensors
 
     lora.check_finite()
     path = os.path.abspath(os.fspath(path))
     if not path.lower().endswith((".safetensors", ".sft")):
         path += ".safetensors"
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in lora.tensors.items()}
-    atomic_file(path, lambda tmp: save_file(tensors, tmp, metadata=file_metadata(lora)))
-    logger.info("saved %r to %s", lora, path)
+    save_tensors(lora.tensors, path, metadata=file_metadata(lora))
     return path
 
 
 def load_lora_file(path: str) -> TurboLora:
     """Read a LoRA file of any layout :mod:`.lora_layouts` knows; the family comes from its keys or metadata."""
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
     from .lora_layouts import normalise
@@ -225,10 +208,10 @@ def load_lora_file(path: str) -> TurboLora:
 
     path = os.fspath(path)
     meta = check_safetensors(path, "LoRA")
-    with safe_open(path, framework="pt") as f:
-        if not list(f.keys()):
-            raise InvalidInputError(f"{os.path.basename(path)!r} holds no tensors; it is not a LoRA")
-    family, tensors = normalise(load_file(path), meta, os.path.basename(path))
+    tensors = load_file(path)
+    if not tensors:
+        raise InvalidInputError(f"{os.path.basename(path)!r} holds no tensors; it is not a LoRA")
+    family, tensors = normalise(tensors, meta, os.path.basename(path))
     meta.pop("format", None)
     user = {k: v for k, v in meta.items() if not k.startswith("turbobooth_")}
     return TurboLora(family, tensors, user, meta.get("turbobooth_name", os.path.splitext(os.path.basename(path))[0]))

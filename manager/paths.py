@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -103,60 +104,46 @@ def atomic_file(final: str, write: Callable[[str], object]) -> str:
     The file is whole or absent: on any error or cancel the temporary file is removed. The result has the
     mode a plain ``open()`` would give (the umask applies).
     """
-    parent = os.path.dirname(os.path.abspath(final))
-    check_writable(parent)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(final) + ".", suffix=".tmp", dir=parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, _umask_mode(0o666))
-        os.replace(tmp, final)
-    except OSError as e:
-        err = _write_error(final, tmp, e)
-        _remove(tmp)
-        raise err from e
-    except BaseException:
-        _remove(tmp)
-        raise
-    return final
+    return _atomic(final, write, folder=False, overwrite=True)
 
 
 def atomic_dir(final: str, write: Callable[[str], object], overwrite: bool = True) -> str:
     """Build a folder in a temporary sibling with ``write(tmp_dir)``, then rename it into place (whole or absent)."""
+    return _atomic(final, write, folder=True, overwrite=overwrite)
+
+
+def _atomic(final: str, write: Callable[[str], object], folder: bool, overwrite: bool) -> str:
     parent = os.path.dirname(os.path.abspath(final))
     check_writable(parent)
-    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(final) + ".", dir=parent)
+    prefix = "." + os.path.basename(final) + "."
+    if folder:
+        tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    else:
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=parent)
+        os.close(fd)
     old = None
     try:
         write(tmp)
-        os.chmod(tmp, _umask_mode(0o777))
-        if os.path.exists(final):
+        os.chmod(tmp, _umask_mode(0o777 if folder else 0o666))
+        if folder and os.path.exists(final):  # a folder cannot be renamed over another: move the old one aside
             if not overwrite:
                 raise InvalidInputError(f"{final} already exists; enable overwrite or choose another name")
-            old = tempfile.mkdtemp(prefix="." + os.path.basename(final) + ".old.", dir=parent)
+            old = tempfile.mkdtemp(prefix=prefix + "old.", dir=parent)
             os.rmdir(old)
             os.replace(final, old)
         os.replace(tmp, final)
-    except OSError as e:
-        err = _write_error(final, tmp, e)
-        _restore(tmp, old, final)
+    except BaseException as e:
+        err = _write_error(final, tmp, e) if isinstance(e, OSError) else None
+        if folder:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+        if old and os.path.exists(old) and not os.path.exists(final):
+            os.replace(old, final)
+        if err is None:
+            raise
         raise err from e
-    except BaseException:
-        _restore(tmp, old, final)
-        raise
     if old:
         shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def _restore(tmp: str, old: str | None, final: str) -> None:
-    shutil.rmtree(tmp, ignore_errors=True)
-    if old and os.path.exists(old) and not os.path.exists(final):
-        os.replace(old, final)
-
-
-def _remove(path: str) -> None:
-    try:
-        os.remove(path)
-    except OSError:
-        pass

@@ -66,13 +66,3 @@ class ModelSpec:
         if REPO_ID.match(self.source) and not os.path.exists(self.source):
             return "hub"
         return "diffusers"
-
-    def identity(self) -> str:
-        """A stable string naming the weights (not how they are placed); used for cache keys on disk."""
-        parts = [self.resolved_kind(), os.path.abspath(self.source) if os.path.exists(self.source) else self.source]
-        if self.revision:
-            parts.append(f"rev={self.revision}")
-        for extra in (self.text_encoder, self.vae, self.tokenizer):
-            if extra:
-                parts.append(os.path.abspath(extra))
-        return "|".join(parts)

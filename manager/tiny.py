@@ -9,25 +9,10 @@ the demo and the benchmarks use them in place of the multi-gigabyte weights.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterable
-
-from .errors import get_logger
-
-logger = get_logger(__name__)
-
-# Qwen3's chat format, written for the tiny tokenizer. ZImagePipeline renders
-# prompts with add_generation_prompt=True and enable_thinking=True.
-QWEN3_CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}"
-    "<|im_start|>assistant\n"
-    "{%- if enable_thinking is defined and enable_thinking is false -%}<think>\n\n</think>\n\n{%- endif -%}"
-    "{%- endif -%}"
-)
 
 # A handful of merges so that the tokenizers really merge (common English pairs).
 _MERGE_WORDS = (
@@ -36,45 +21,24 @@ _MERGE_WORDS = (
 )
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """The byte-level BPE alphabet: every byte maps to a printable character."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    table = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
 def _merges_for(words: Iterable[str], prefix: str = "", suffix: str = "") -> list[tuple[str, str]]:
     """Left-to-right merges that assemble each word (optionally with a space marker or end marker)."""
-    merges: list[tuple[str, str]] = []
-    seen = set()
+    pairs = []
     for word in words:
         symbols = ([prefix] if prefix else []) + list(word)
-        if suffix:
-            symbols[-1] = symbols[-1] + suffix
-        current = symbols[0]
-        for sym in symbols[1:]:
-            pair = (current, sym)
-            if pair not in seen:
-                seen.add(pair)
-                merges.append(pair)
-            current = current + sym
-    return merges
+        symbols[-1] += suffix
+        pairs += [("".join(symbols[:i]), symbols[i]) for i in range(1, len(symbols))]
+    return list(dict.fromkeys(pairs))
 
 
 def build_qwen_tokenizer():
     """A Qwen2Tokenizer (byte-level BPE) with Qwen3's special tokens and chat template."""
     from transformers import Qwen2Tokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    alphabet = _bytes_to_unicode()
-    vocab: dict[str, int] = {}
-    for ch in sorted(alphabet.values()):
-        vocab[ch] = len(vocab)
+    from .formats import shipped_chat_template
+
+    vocab = {ch: i for i, ch in enumerate(sorted(bytes_to_unicode().values()))}
     merges = _merges_for(_MERGE_WORDS, prefix="Ġ") + _merges_for(_MERGE_WORDS)
     for a, b in merges:
         vocab.setdefault(a + b, len(vocab))
@@ -89,7 +53,7 @@ def build_qwen_tokenizer():
     tok.add_special_tokens(
         {"additional_special_tokens": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]}
     )
-    tok.chat_template = QWEN3_CHAT_TEMPLATE
+    tok.chat_template = shipped_chat_template()
     tok.model_max_length = 512
     return tok
 
@@ -97,13 +61,10 @@ def build_qwen_tokenizer():
 def build_clip_tokenizer():
     """A CLIPTokenizer with a byte alphabet, end-of-word variants and a few merges."""
     from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    alphabet = sorted(_bytes_to_unicode().values())
-    vocab: dict[str, int] = {}
-    for ch in alphabet:
-        vocab[ch] = len(vocab)
-    for ch in alphabet:
-        vocab[ch + "</w>"] = len(vocab)
+    alphabet = sorted(bytes_to_unicode().values())
+    vocab = {ch: i for i, ch in enumerate(alphabet + [ch + "</w>" for ch in alphabet])}
     merges = _merges_for([w for w in _MERGE_WORDS if len(w) > 1], suffix="</w>")
     for a, b in merges:
         vocab.setdefault(a + b, len(vocab))
@@ -192,7 +153,6 @@ def build_tiny_sd1(seed: int = 0):
 
 def save_diffusers(pipe, folder: str) -> str:
     """Save a pipeline in diffusers' folder layout (model_index.json + safetensors)."""
-    os.makedirs(folder, exist_ok=True)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
 
@@ -206,18 +166,16 @@ def write_tiny_models(root: str, seed: int = 0, formats: Iterable[str] = ("diffu
       sd1_single_file                          one SD1.x checkpoint (+ sd1_tokenizer folder)
     Existing complete outputs are reused (a marker file records the seed).
     """
+    from . import writers
+
     formats = tuple(formats)
     root = os.path.abspath(root)
     os.makedirs(root, exist_ok=True)
     marker = os.path.join(root, "tiny_models.json")
-    if os.path.isfile(marker):
-        try:
-            with open(marker, encoding="utf-8") as f:
-                info = json.load(f)
-            if info.get("seed") == seed and set(formats) <= set(info.get("formats", [])):
-                return info["paths"]
-        except (OSError, ValueError):
-            pass
+    with contextlib.suppress(OSError, ValueError), open(marker, encoding="utf-8") as f:  # no marker, or unreadable
+        info = json.load(f)
+        if info.get("seed") == seed and set(formats) <= set(info.get("formats", [])):
+            return info["paths"]
 
     paths: dict = {}
     zimage = build_tiny_zimage(seed)
@@ -225,12 +183,10 @@ def write_tiny_models(root: str, seed: int = 0, formats: Iterable[str] = ("diffu
     if "diffusers" in formats:
         paths["zimage_diffusers"] = save_diffusers(zimage, os.path.join(root, "diffusers", "tiny-zimage-turbo"))
         paths["sd1_diffusers"] = save_diffusers(sd1, os.path.join(root, "diffusers", "tiny-sd15"))
-    if "split" in formats or "single_file" in formats:
-        from . import writers as fmt
     if "split" in formats:
-        paths["zimage_split"] = fmt.save_zimage_split(zimage, root, name="tiny_zimage")
+        paths["zimage_split"] = writers.save_zimage_split(zimage, root, name="tiny_zimage")
     if "single_file" in formats:
-        paths.update(fmt.save_sd1_single_file(sd1, root, name="tiny_sd15"))
+        paths.update(writers.save_sd1_single_file(sd1, root, name="tiny_sd15"))
     tmp = marker + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump({"seed": seed, "formats": list(formats), "paths": paths}, f, indent=2)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from .errors import ModelSourceError, get_logger
@@ -40,53 +40,30 @@ SD1_VAE_PREFIX = "first_stage_model."
 SD1_CLIP_PREFIX = "cond_stage_model.transformer."
 
 
-def _public_config(config: Mapping[str, Any]) -> dict:
-    """A JSON-safe copy of a diffusers/transformers config without private entries."""
-    out = {}
-    for k, v in dict(config).items():
-        if k.startswith("_") and k != "_class_name":
-            continue
-        if isinstance(v, tuple):
-            v = list(v)
-        try:
-            json.dumps(v)
-        except TypeError:
-            continue
-        out[k] = v
-    return out
+#: transformers config entries that describe the saved copy, not the model
+_NOT_CONFIG = ("transformers_version", "torch_dtype", "dtype", "architectures")
 
 
-def _transformers_config_dict(config) -> dict:
-    d = config.to_dict()
-    for k in ("transformers_version", "torch_dtype", "dtype", "_name_or_path", "architectures"):
-        d.pop(k, None)
-    return _public_config(d)
+def _config(component) -> dict:
+    """A component's config as its library serialises it (diffusers or transformers), without private entries."""
+    cfg = component.config
+    text = cfg.to_json_string(use_diff=False) if hasattr(cfg, "to_json_string") else component.to_json_string()
+    return {k: v for k, v in json.loads(text).items() if not k.startswith("_") and k not in _NOT_CONFIG}
 
 
-def _count_indices(keys: Iterable[str], pattern: str) -> int:
-    """One more than the largest N in keys matching ``pattern`` (a regex with one ``(\\d+)`` group); 0 if none."""
-    rx = re.compile(pattern)
-    found = {int(m.group(1)) for k in keys if (m := rx.match(k))}
-    return (max(found) + 1) if found else 0
-
-
-def save_tensors(tensors: Mapping[str, Any], path: str, configs: dict | None = None) -> str:
-    """Write a safetensors file atomically, with the component ``configs`` in its metadata."""
+def save_tensors(
+    tensors: Mapping[str, Any], path: str, configs: dict | None = None, metadata: dict | None = None
+) -> str:
+    """Write a safetensors file atomically, with ``metadata`` and the component ``configs`` in its header."""
     from safetensors.torch import save_file
 
-    metadata = {"format": "pt"}
+    metadata = {"format": "pt", **(metadata or {})}
     if configs:
         metadata[METADATA_CONFIG_KEY] = json.dumps(configs, sort_keys=True)
     clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     atomic_file(path, lambda tmp: save_file(clean, tmp, metadata=metadata))
     logger.info("wrote %s (%d tensors)", path, len(clean))
     return path
-
-
-def save_tokenizer(tokenizer, folder: str) -> str:
-    os.makedirs(os.path.dirname(folder) or ".", exist_ok=True)
-    return atomic_dir(folder, lambda tmp: tokenizer.save_pretrained(tmp))
 
 
 # ---------------------------------------------------------------------------
@@ -136,44 +113,30 @@ def qwen3_to_comfy(state_dict: Mapping[str, Any]) -> dict:
 # VAE: diffusers <-> original LDM key names
 # ---------------------------------------------------------------------------
 
-_VAE_ATTN_TO_LDM = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
-_VAE_ATTN_FROM_LDM = {v: k for k, v in _VAE_ATTN_TO_LDM.items()}
+_VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
 
 def vae_to_ldm(state_dict: Mapping[str, Any]) -> dict:
     """diffusers AutoencoderKL keys -> original LDM keys (attention projections as 1x1 convs)."""
-    n_up = _count_indices(state_dict, r"^decoder\.up_blocks\.(\d+)\.")
+    ups = [int(m[1]) for k in state_dict if (m := re.match(r"^decoder\.up_blocks\.(\d+)\.", k))]
+    last_up = max(ups, default=0)  # LDM numbers the decoder's levels the other way round
+    renames = (
+        (r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r"encoder.down.\1.block.\2."),
+        (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample."),
+        (r"^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.", lambda m: f"decoder.up.{last_up - int(m[1])}.block.{m[2]}."),
+        (r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"decoder.up.{last_up - int(m[1])}.upsample."),
+        (r"^(encoder|decoder)\.mid_block\.resnets\.(\d+)\.", lambda m: f"{m[1]}.mid.block_{int(m[2]) + 1}."),
+        (r"^(encoder|decoder)\.mid_block\.attentions\.0\.(.+)\.", lambda m: f"{m[1]}.mid.attn_1.{_VAE_ATTN[m[2]]}."),
+        (r"^(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out."),
+        (r"\.conv_shortcut\.", ".nin_shortcut."),
+    )
     out = {}
     for key, value in state_dict.items():
-        new = key
-        m = re.match(r"^(encoder|decoder)\.mid_block\.attentions\.0\.(.+)\.(weight|bias)$", key)
-        if m:
-            side, name, leaf = m.groups()
-            new = f"{side}.mid.attn_1.{_VAE_ATTN_TO_LDM[name]}.{leaf}"
-            if leaf == "weight" and value.ndim == 2:
-                value = value[:, :, None, None]
-            out[new] = value
-            continue
-        new = re.sub(r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r"encoder.down.\1.block.\2.", new)
-        new = re.sub(r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", new)
-        new = re.sub(
-            r"^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.",
-            lambda mm: f"decoder.up.{n_up - 1 - int(mm.group(1))}.block.{mm.group(2)}.",
-            new,
-        )
-        new = re.sub(
-            r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
-            lambda mm: f"decoder.up.{n_up - 1 - int(mm.group(1))}.upsample.",
-            new,
-        )
-        new = re.sub(
-            r"^(encoder|decoder)\.mid_block\.resnets\.(\d+)\.",
-            lambda mm: f"{mm.group(1)}.mid.block_{int(mm.group(2)) + 1}.",
-            new,
-        )
-        new = re.sub(r"^(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out.", new)
-        new = new.replace(".conv_shortcut.", ".nin_shortcut.")
-        out[new] = value
+        for pattern, repl in renames:
+            key = re.sub(pattern, repl, key)
+        if ".mid.attn_1." in key and key.endswith(".weight") and value.ndim == 2:
+            value = value[:, :, None, None]
+        out[key] = value
     return out
 
 
@@ -189,145 +152,105 @@ _RESNET_TO_LDM = {
     "conv2": "out_layers.3",
     "conv_shortcut": "skip_connection",
 }
-_RESNET_FROM_LDM = {v: k for k, v in _RESNET_TO_LDM.items()}
 
 
-def _unet_prefix_pairs(
-    levels: int, lpb: int, attn_down: list[bool], attn_up: list[bool]
-) -> list[tuple[str, str, bool]]:
-    """(diffusers prefix, LDM prefix, is_resnet) for every block of an SD-style UNet."""
+def _unet_prefix_pairs(levels: int, lpb: int, attn_down: list[bool], attn_up: list[bool]) -> list[tuple[str, str]]:
+    """(diffusers prefix, LDM prefix) for every block of an SD-style UNet."""
     pairs = [
-        ("time_embedding.linear_1.", "time_embed.0.", False),
-        ("time_embedding.linear_2.", "time_embed.2.", False),
-        ("conv_in.", "input_blocks.0.0.", False),
-        ("conv_norm_out.", "out.0.", False),
-        ("conv_out.", "out.2.", False),
-        ("mid_block.resnets.0.", "middle_block.0.", True),
-        ("mid_block.attentions.0.", "middle_block.1.", False),
-        ("mid_block.resnets.1.", "middle_block.2.", True),
+        ("time_embedding.linear_1.", "time_embed.0."),
+        ("time_embedding.linear_2.", "time_embed.2."),
+        ("conv_in.", "input_blocks.0.0."),
+        ("conv_norm_out.", "out.0."),
+        ("conv_out.", "out.2."),
+        ("mid_block.resnets.0.", "middle_block.0."),
+        ("mid_block.attentions.0.", "middle_block.1."),
+        ("mid_block.resnets.1.", "middle_block.2."),
     ]
     n = 1
     for i in range(levels):
         for j in range(lpb):
-            pairs.append((f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{n}.0.", True))
+            pairs.append((f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{n}.0."))
             if attn_down[i]:
-                pairs.append((f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{n}.1.", False))
+                pairs.append((f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{n}.1."))
             n += 1
         if i < levels - 1:
-            pairs.append((f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{n}.0.op.", False))
+            pairs.append((f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{n}.0.op."))
             n += 1
     n = 0
     for i in range(levels):
         for j in range(lpb + 1):
-            pairs.append((f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{n}.0.", True))
+            pairs.append((f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{n}.0."))
             if attn_up[i]:
-                pairs.append((f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{n}.1.", False))
+                pairs.append((f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{n}.1."))
             if j == lpb and i < levels - 1:
-                pairs.append((f"up_blocks.{i}.upsamplers.0.", f"output_blocks.{n}.{2 if attn_up[i] else 1}.", False))
+                pairs.append((f"up_blocks.{i}.upsamplers.0.", f"output_blocks.{n}.{2 if attn_up[i] else 1}."))
             n += 1
     return pairs
 
 
-def _rename_by_prefix(
-    state_dict: Mapping[str, Any], table: dict[str, tuple[str, bool]], inner: dict, what: str
-) -> dict:
-    out = {}
-    for key, value in state_dict.items():
-        parts = key.split(".")
-        for cut in range(len(parts) - 1, 0, -1):
-            prefix = ".".join(parts[:cut]) + "."
-            hit = table.get(prefix)
-            if hit is None:
-                continue
-            target, is_resnet = hit
-            rest = key[len(prefix) :]
-            if is_resnet:
-                name, _, leaf = rest.rpartition(".")
-                rest = inner.get(name, name) + "." + leaf
-            out[target + rest] = value
-            break
-        else:
-            raise ModelSourceError(f"unexpected {what} weight {key!r}; the UNet layout is not SD1.x's")
-    return out
-
-
 def unet_to_ldm(state_dict: Mapping[str, Any], config: Mapping[str, Any]) -> dict:
     """diffusers UNet2DConditionModel keys -> original ``input_blocks/middle_block/output_blocks`` keys."""
-    levels = len(config["block_out_channels"])
     lpb = config["layers_per_block"]
     if not isinstance(lpb, int):
         raise ModelSourceError("only UNets with the same layers_per_block on every level can be written")
-    attn_down = ["CrossAttn" in t for t in config["down_block_types"]]
-    attn_up = ["CrossAttn" in t for t in config["up_block_types"]]
-    table = {d: (ldm, r) for d, ldm, r in _unet_prefix_pairs(levels, lpb, attn_down, attn_up)}
-    return _rename_by_prefix(state_dict, table, _RESNET_TO_LDM, "diffusers UNet")
+    attn = [["CrossAttn" in t for t in config[f"{side}_block_types"]] for side in ("down", "up")]
+    table = {}
+    for ours, ldm in _unet_prefix_pairs(len(config["block_out_channels"]), lpb, *attn):
+        table[ours] = ldm
+        if ".resnets." in ours:
+            table.update({f"{ours}{a}.": f"{ldm}{b}." for a, b in _RESNET_TO_LDM.items()})
+    out = {}
+    for key, value in state_dict.items():
+        parts = key.split(".")
+        prefix = next((p for cut in range(len(parts) - 1, 0, -1) if (p := ".".join(parts[:cut]) + ".") in table), None)
+        if prefix is None:
+            raise ModelSourceError(f"unexpected diffusers UNet weight {key!r}; the UNet layout is not SD1.x's")
+        out[table[prefix] + key[len(prefix) :]] = value
+    return out
 
 
 # ---------------------------------------------------------------------------
-# Z-Image split files
+# Writing whole models
 # ---------------------------------------------------------------------------
 
 
 def save_zimage_split(pipe, root: str, name: str) -> dict:
     """Write a ZImagePipeline as ComfyUI split files under ``root`` (see the module docstring)."""
     root = os.path.abspath(root)
-    dm_path = os.path.join(root, "diffusion_models", f"{name}.safetensors")
-    te_path = os.path.join(root, "text_encoders", f"{name}_qwen3.safetensors")
-    vae_path = os.path.join(root, "vae", f"{name}_ae.safetensors")
-    tok_dir = os.path.join(root, "text_encoders", f"{name}_tokenizer")
-
-    transformer = pipe.transformer
-    save_tensors(
-        zimage_transformer_to_comfy(transformer.state_dict()),
-        dm_path,
-        {
-            "transformer": _public_config(transformer.config),
-            "scheduler": _public_config(pipe.scheduler.config),
-        },
-    )
-    text_encoder = pipe.text_encoder
-    save_tensors(
-        qwen3_to_comfy(text_encoder.state_dict()),
-        te_path,
-        {"text_encoder": _transformers_config_dict(text_encoder.config)},
-    )
-    save_tensors(vae_to_ldm(pipe.vae.state_dict()), vae_path, {"vae": _public_config(pipe.vae.config)})
-    save_tokenizer(pipe.tokenizer, tok_dir)
-    return {"diffusion_model": dm_path, "text_encoder": te_path, "vae": vae_path, "tokenizer": tok_dir}
-
-
-# ---------------------------------------------------------------------------
-# SD1.x single file
-# ---------------------------------------------------------------------------
+    paths = {
+        "diffusion_model": os.path.join(root, "diffusion_models", f"{name}.safetensors"),
+        "text_encoder": os.path.join(root, "text_encoders", f"{name}_qwen3.safetensors"),
+        "vae": os.path.join(root, "vae", f"{name}_ae.safetensors"),
+        "tokenizer": os.path.join(root, "text_encoders", f"{name}_tokenizer"),
+    }
+    configs = {"transformer": _config(pipe.transformer), "scheduler": _config(pipe.scheduler)}
+    save_tensors(zimage_transformer_to_comfy(pipe.transformer.state_dict()), paths["diffusion_model"], configs)
+    te = pipe.text_encoder
+    save_tensors(qwen3_to_comfy(te.state_dict()), paths["text_encoder"], {"text_encoder": _config(te)})
+    save_tensors(vae_to_ldm(pipe.vae.state_dict()), paths["vae"], {"vae": _config(pipe.vae)})
+    atomic_dir(paths["tokenizer"], pipe.tokenizer.save_pretrained)
+    return paths
 
 
 def save_sd1_single_file(pipe, root: str, name: str) -> dict:
     """Write a StableDiffusionPipeline as an original-layout single file ``checkpoints/<name>.safetensors``."""
+    path = write_sd1_checkpoint(pipe, os.path.join(os.path.abspath(root), "checkpoints", f"{name}.safetensors"))
+    return {"sd1_single_file": path, "sd1_tokenizer": os.path.splitext(path)[0] + "_tokenizer"}
+
+
+def write_sd1_checkpoint(pipe, path: str) -> str:
+    """The single file at ``path``, and its tokenizer in ``<stem>_tokenizer/`` beside it."""
     import torch
 
-    root = os.path.abspath(root)
-    path = os.path.join(root, "checkpoints", f"{name}.safetensors")
-    tok_dir = os.path.join(root, "checkpoints", f"{name}_tokenizer")
-    tensors: dict = {}
-    for k, v in unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config).items():
-        tensors[SD1_UNET_PREFIX + k] = v
-    for k, v in vae_to_ldm(pipe.vae.state_dict()).items():
-        tensors[SD1_VAE_PREFIX + k] = v
+    tensors = {SD1_UNET_PREFIX + k: v for k, v in unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config).items()}
+    tensors.update({SD1_VAE_PREFIX + k: v for k, v in vae_to_ldm(pipe.vae.state_dict()).items()})
     te = pipe.text_encoder
     for k, v in te.state_dict().items():
         tensors[SD1_CLIP_PREFIX + (k if k.startswith("text_model.") else "text_model." + k)] = v
     pos_key = SD1_CLIP_PREFIX + "text_model.embeddings.position_ids"
     if pos_key not in tensors:
-        n_pos = te.config.max_position_embeddings
-        tensors[pos_key] = torch.arange(n_pos, dtype=torch.int64)[None]
-    configs = {
-        "unet": _public_config(pipe.unet.config),
-        "vae": _public_config(pipe.vae.config),
-        "text_encoder": _transformers_config_dict(te.config),
-        "scheduler": _public_config(pipe.scheduler.config),
-    }
+        tensors[pos_key] = torch.arange(te.config.max_position_embeddings, dtype=torch.int64)[None]
+    configs = {c: _config(getattr(pipe, c)) for c in ("unet", "vae", "text_encoder", "scheduler")}
     save_tensors(tensors, path, configs)
-    save_tokenizer(pipe.tokenizer, tok_dir)
-    return {"sd1_single_file": path, "sd1_tokenizer": tok_dir}
-
-
+    atomic_dir(os.path.splitext(path)[0] + "_tokenizer", pipe.tokenizer.save_pretrained)
+    return path
