@@ -415,7 +415,7 @@ def build_mid_pipeline(seed: int = 0):
 
 def bench_bf16(size: int, rounds: int, device: str) -> None:
     """TurboSample on the mid-size model loaded with dtype="bf16" against dtype="fp32" (on a CPU, bf16 stores
-    16-bit weights and computes in fp32 through diffusers' layerwise casting)."""
+    16-bit weights and computes each layer in fp32, manager.loading.store_weights)."""
     fp32 = Runner(load_with_node(MID_NAME, device, dtype="fp32"), device)
     bf16 = Runner(load_with_node(MID_NAME, device, dtype="bf16"), device)
     runners = {"bf16": bf16, "fp32": fp32}

@@ -18,7 +18,7 @@ Variants (the options of ``trainer.memory.PLANS``; the encoders and their offloa
 
 * ``fast``: bf16 weights, no checkpointing, AdamW (plan ``fast``);
 * ``bf16_checkpointed``: bf16 weights, gradient checkpointing, AdamW (plan ``bf16_checkpointed``);
-* ``fp8_checkpointed``: fp8 (e4m3) storage with bf16 compute (diffusers' layerwise casting), fp32 LoRA,
+* ``fp8_checkpointed``: fp8 (e4m3) storage with bf16 compute (``manager.loading.store_weights``), fp32 LoRA,
   checkpointing, bitsandbytes' AdamW8bit where ``bitsandbytes`` imports, else AdamW (the line says which);
 * ``fp8``: fp8 storage without checkpointing, AdamW; ``fp8_checkpointed_adamw``: with checkpointing, AdamW.
   These two separate the options.
@@ -113,8 +113,10 @@ def _build(n_layers: int, n_refiner: int, storage: str):
     with torch.no_grad():  # created with torch.empty
         model.x_pad_token.normal_(0.0, 0.02)
         model.cap_pad_token.normal_(0.0, 0.02)
-    if storage == "fp8":
-        model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+    if storage == "fp8":  # what TurboLoader's dtype fp8_e4m3fn does to the denoiser
+        from turbobooth.manager.loading import store_weights
+
+        store_weights(model, torch.float8_e4m3fn, torch.bfloat16)
     return model, cfg
 
 
@@ -318,7 +320,7 @@ def derive(points: list, f: dict, args) -> dict:
     """Per variant, the parts of ``peak = fixed + Σ_blocks (s + g_b·T_block) + g0·T_img``:
 
     * ``g_b``: bytes per token that a block keeps for backward (kept-activation slope ÷ a main block's tokens;
-      for fp8 storage without checkpointing the bf16 copies of the block's weights, which layerwise casting
+      for fp8 storage without checkpointing the bf16 copies of the block's weights, which the per-layer casting
       leaves in the autograd graph, are taken out first: they do not grow with tokens);
     * ``s``: the token-independent bytes per block (weights, LoRA, its gradients and optimizer states, those
       bf16 copies): the peak slope minus ``g_b`` × a main block's tokens;

@@ -35,12 +35,12 @@ any other failure prints ``skipped (reason)``.
 ``optimizer="adamw8bit"`` (both bitsandbytes' ``AdamW8bit``), ``memory="none"`` (the options as given) and its
 latents cached as always. For a quantized frozen base the script offers ``--bnb_quantization_config_path``
 (here ``{"load_in_8bit": true}``) and TurboBooth the model loaded with dtype ``fp8_e4m3fn`` (8-bit storage,
-diffusers' layerwise casting). Two 2-step runs of the script first show whether its quantized-base path and its
+weights cast per layer as it runs). Two 2-step runs of the script first show whether its quantized-base path and its
 prior-preservation path run here; an option the script cannot run is printed ``skipped (reason)`` and both sides
 run without it (diffusers' bitsandbytes quantizer needs a GPU); TurboBooth then also runs with its fp8 base, as
 ``turbobooth_fp8_base``, compared with its own run without it. Every run of this case records, at its first
 optimizer step, the optimizer's class and state dtypes and the trained denoiser (checkpointing flag, frozen
-weights by storage dtype, layerwise-casting hooks, bitsandbytes layers), and counts
+weights by storage dtype, per-layer casting hooks, bitsandbytes layers), and counts
 ``torch.utils.checkpoint.checkpoint`` and ``AutoencoderKL.encode`` calls per step; a run that did not use one
 of its options is reported as skipped with what it ran without, so no ratio compares unlike runs. The time
 the first-step record takes is left out of the step times.
@@ -579,7 +579,7 @@ def inspecting_stamper(record: dict):
 
 def inspect_first_step(opt) -> dict:
     """The optimizer's class and state dtypes, and the trained denoiser (the diffusers model with trainable
-    parameters): checkpointing on, frozen weights by storage dtype, layerwise-casting hooks, bitsandbytes layers."""
+    parameters): checkpointing on, frozen weights by storage dtype, per-layer casting hooks, bitsandbytes layers."""
     import collections
     import gc
 
@@ -608,12 +608,15 @@ def inspect_first_step(opt) -> dict:
     for p in model.parameters():
         if not p.requires_grad:
             frozen[str(p.dtype).removeprefix("torch.")] += p.numel() * p.element_size()
-    hooks = [getattr(m, "_diffusers_hook", None) for m in model.modules()]
+    from turbobooth.manager.loading import CastIn
+
     out.update(
         denoiser=type(model).__name__,
         denoiser_checkpointing=bool(model.is_gradient_checkpointing),
         frozen_bytes=dict(frozen),
-        layerwise_cast_modules=sum(1 for h in hooks if h is not None and h.get_hook("layerwise_casting") is not None),
+        layerwise_cast_modules=sum(
+            1 for m in model.modules() if any(isinstance(h, CastIn) for h in m._forward_pre_hooks.values())
+        ),
         quantized_modules=sum(1 for m in model.modules() if type(m).__name__ in ("Linear8bitLt", "Linear4bit")),
     )
     return out
@@ -688,7 +691,7 @@ def run_turbobooth_cli(spec: dict) -> None:
     )
     if spec.get("dtype", "auto") == "auto":
         model = load_pipeline_model(spec["model"], spec["family"], None, "cpu")
-    else:  # the CLI has no dtype: TurboLoader's load with the dtype (fp8_e4m3fn: 8-bit storage, layerwise casting)
+    else:  # the CLI has no dtype: TurboLoader's load with the dtype (fp8_e4m3fn: 8-bit storage, cast per layer)
         from turbobooth.manager.loading import load_model
         from turbobooth.manager.spec import ModelSpec
 
@@ -1084,7 +1087,7 @@ def memory_script_argv(inputs: dict, class_dir, steps: int, out_dir: str, report
 
 def memory_turbobooth_spec(inputs: dict, class_dir, steps: int, out_dir: str, log_tb: bool, fp8: bool) -> dict:
     """TurboBooth with the same options: checkpointing, bitsandbytes' AdamW8bit, and (``fp8``) the frozen base
-    stored in fp8 (TurboLoader dtype ``fp8_e4m3fn``, diffusers' layerwise casting); latents are always cached."""
+    stored in fp8 (TurboLoader dtype ``fp8_e4m3fn``, cast per layer as it runs); latents are always cached."""
     return {
         "family": MEMORY_FAMILY,
         "model": inputs[f"{MEMORY_FAMILY}_model"],
@@ -1151,7 +1154,7 @@ def memory_check(rec: dict, side: str, quantized: bool) -> str | None:
     if rec.get("vae_encodes_after_first_step"):
         missing.append(f"cached latents ({rec['vae_encodes_after_first_step']} VAE encodes after step 1)")
     if quantized and side != "diffusers_script" and not seen.get("layerwise_cast_modules"):
-        missing.append("the fp8-stored base (no layerwise-casting hooks on the denoiser)")
+        missing.append("the fp8-stored base (no per-layer casting hooks on the denoiser)")
     if quantized and side == "diffusers_script" and not seen.get("quantized_modules"):
         missing.append("the quantized base (no bitsandbytes layers in the denoiser)")
     return f"{side} ran without " + ", ".join(missing) if missing else None
@@ -1227,7 +1230,7 @@ def emit_memory_checks(side: str, rec: dict) -> None:
     weights = ", ".join(f"{k} {v / 2**20:.3f} MiB" for k, v in sorted(seen["frozen_bytes"].items()))
     extra = []
     if seen.get("layerwise_cast_modules"):
-        extra.append(f"{seen['layerwise_cast_modules']} layerwise-cast modules")
+        extra.append(f"{seen['layerwise_cast_modules']} per-layer cast modules")
     if seen.get("quantized_modules"):
         extra.append(f"{seen['quantized_modules']} bitsandbytes layers")
     emit(f"{MEMORY_TAG}_frozen_denoiser_weights_{side}", weights + (f" ({', '.join(extra)})" if extra else ""))

@@ -128,11 +128,11 @@ def attach(model, lora: TurboLora, adapter_name: str) -> None:
             "size or family"
         ) from e
     layers = _adapter_layers(model, adapter_name)
-    # LoRA layers are created in their base layer's dtype; over an 8-bit base (fp8 storage) they would hold 8-bit
-    # weights that CPUs cannot multiply, so they get the compute dtype
+    # LoRA layers are created in their base layer's dtype; over a narrow-stored base (fp8, or 16 bits on a CPU) they
+    # would hold weights that are slow or impossible to multiply there, so they get the compute dtype
     compute = torch.bfloat16 if str(model.device).startswith("cuda") else torch.float32
     for part in (p for m in layers for p in (m.lora_A[adapter_name], m.lora_B[adapter_name])):
-        if part.weight.dtype.itemsize == 1:
+        if part.weight.dtype.itemsize < compute.itemsize:
             part.to(compute)
     expected = len(lora.down_keys)
     if len(layers) < expected:

@@ -185,6 +185,49 @@ def test_fp8_weight_storage(tiny):
     assert torch.isfinite(out.images).all()
 
 
+@pytest.mark.parametrize("family", ["zimage", "sd1"])
+def test_16_bit_storage_on_a_cpu_computes_in_fp32_with_the_rounded_weights(tiny, family):
+    """bf16 on a CPU: the weights stay 16-bit between calls and every layer computes in fp32, so the image is
+    the fp32 model's with its weights rounded to bf16 (same ops, same noise). A layer that fails mid-call still
+    gets its 16-bit weights back."""
+    from turbobooth.manager import lora as L
+    from turbobooth.manager.loading import CAST_LAYERS
+
+    narrow = load_model(ModelSpec(tiny[f"{family}_diffusers"], dtype="bf16"))
+    wide = load_model(ModelSpec(tiny[f"{family}_diffusers"], dtype="fp32"))
+    cast = {}
+    for part in ("denoiser", "text_encoder") if family == "zimage" else ("denoiser",):
+        n_root = narrow.denoiser if part == "denoiser" else narrow.pipe.text_encoder
+        w_root = wide.denoiser if part == "denoiser" else wide.pipe.text_encoder
+        w_layers = dict(w_root.named_modules())
+        for name, layer in n_root.named_modules():
+            if type(layer).__name__ in CAST_LAYERS and layer.weight.dtype == torch.bfloat16:
+                cast[(part, name)] = layer
+                with torch.no_grad():
+                    for p in w_layers[name].parameters(recurse=False):
+                        p.copy_(p.to(torch.bfloat16).float())
+    assert len(cast) > 10
+    a, b = small(narrow, seed=3), small(wide, seed=3)
+    assert torch.allclose(a.images, b.images, atol=1e-6), (a.images - b.images).abs().max()
+    assert all(layer.weight.dtype == torch.bfloat16 for layer in cast.values())
+    layer = next(iter(cast.values()))
+    with pytest.raises(RuntimeError):
+        layer(torch.zeros(1, 1, 1, 1, 3) if "Conv" in type(layer).__name__ else torch.zeros(3, 1, 5, 7))
+    assert layer.weight.dtype == torch.bfloat16
+    # a LoRA over the 16-bit base gets fp32 layers too, and leaves the base 16-bit when it goes
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    probe = load_model(ModelSpec(tiny[f"{family}_diffusers"], dtype="fp32")).denoiser
+    inject_adapter_in_model(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k"]), probe, "p")
+    peft_sd = {k: torch.full_like(v, 0.01) for k, v in get_peft_model_state_dict(probe, adapter_name="p").items()}
+    lora = L.TurboLora.from_peft(family, peft_sd, alpha=2.0)
+    with L.applied(narrow, [(lora, 1.0)]):
+        lora_params = [p for n, p in narrow.denoiser.named_parameters() if "lora_" in n]
+        assert lora_params and all(p.dtype == torch.float32 for p in lora_params)
+        assert torch.isfinite(small(narrow, seed=3).images).all()
+    assert all(layer.weight.dtype == torch.bfloat16 for layer in cast.values())
+
+
 # ---------------------------------------------------------------- hub cache (offline, hub layout)
 
 
