@@ -224,11 +224,21 @@ def _load_diffusers(folder: str, family: str, torch_dtype):
         )
 
 
-def module_nbytes(pipe) -> int:
-    """Bytes of every weight and buffer of the pipeline's models, in the dtypes they are stored in."""
+def _freeze(pipe, device: str) -> tuple[int, bool]:
+    """Turn gradients off on every weight (from_pretrained / from_single_file already return eval mode), in one
+    pass that also counts the bytes of every weight and buffer as stored, and tells whether any is not on
+    ``device``."""
     import torch
 
-    return sum(c.get_memory_footprint() for c in pipe.components.values() if isinstance(c, torch.nn.Module))
+    target, nbytes, elsewhere = torch.device(device), 0, False
+    for comp in pipe.components.values():
+        if isinstance(comp, torch.nn.Module):
+            for p in comp.parameters():
+                p.requires_grad = False
+                nbytes += p.nbytes
+                elsewhere = elsewhere or p.device != target
+            nbytes += sum(b.nbytes for b in comp.buffers())
+    return nbytes, elsewhere
 
 
 def load_model(spec: ModelSpec) -> TurboModel:
@@ -344,7 +354,6 @@ def _restore(layer, _args, _output) -> None:
 
 
 def _load_model(spec: ModelSpec) -> TurboModel:
-    import torch
 
     device = resolve_device(spec.device)
     torch_dtype, storage = resolve_torch_dtype(spec.dtype, device)
@@ -355,19 +364,19 @@ def _load_model(spec: ModelSpec) -> TurboModel:
     if storage is not None:
         _store_in(pipe, family, storage, torch_dtype)
     if spec.offload != "none" and device.startswith("cuda"):
+        nbytes, _ = _freeze(pipe, device)
         getattr(pipe, f"enable_{spec.offload}_cpu_offload")(device=device)  # enable_model_ / enable_sequential_
     else:
         if spec.offload != "none":
             logger.warning("offload=%s needs a CUDA device; running on %s without offload", spec.offload, device)
-        pipe.to(device)
-    for comp in pipe.components.values():
-        if isinstance(comp, torch.nn.Module):  # from_pretrained / from_single_file already return eval mode
-            comp.requires_grad_(False)
+        nbytes, elsewhere = _freeze(pipe, device)
+        if elsewhere:  # from_pretrained builds on the CPU; pipe.to walks every module even when nothing moves
+            pipe.to(device)
     variant = ""
     if family == "zimage":
         variant = spec.variant if spec.variant != "auto" else detect_variant(
             [spec.source, pipe.config.get("_name_or_path")], pipe.scheduler.config.get("shift"))
-    model = TurboModel(spec=spec, family=family, pipe=pipe, identity=identity, device=device, nbytes=module_nbytes(pipe),
+    model = TurboModel(spec=spec, family=family, pipe=pipe, identity=identity, device=device, nbytes=nbytes,
                        extras={"stamp": file_stamp(spec)}, variant=variant)
     logger.info("loaded %s (%s, %.1f MB) from %s", model.defaults.label, spec.dtype, model.nbytes / 2**20, spec.source)
     return model
