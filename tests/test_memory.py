@@ -37,6 +37,8 @@ def test_estimates_are_ordered_and_grow_with_resolution(real):
 @pytest.mark.parametrize("free_gb, resolution, expected", [
     (80, 1024, "fast"), (24, 1024, "bf16_checkpointed"), (14, 1024, "fp8_checkpointed"),
     (12, 768, "fp8_checkpointed"), (None, 1024, "fast"),
+    (10, 1024, "fp8_checkpointed"), (9, 1024, "bf16_offloaded"), (6, 1024, "bf16_offloaded"),
+    (3, 512, "bf16_offloaded"),
 ])
 def test_planner_takes_the_fastest_plan_that_fits(real, free_gb, resolution, expected):
     plan, est = M.choose(None if free_gb is None else free_gb * GB, real, resolution, 1)
@@ -52,8 +54,8 @@ def test_targets_the_issue_states(real):
 
 
 def test_a_plan_that_cannot_fit_says_what_would(real):
-    with pytest.raises(InvalidInputError, match=r"no memory plan fits a 1024² .* 6.0 GB free.*fp8_checkpointed"):
-        M.choose(6 * GB, real, 1024, 1)
+    with pytest.raises(InvalidInputError, match=r"no memory plan fits a 1024² .* 3.0 GB free.*bf16_offloaded"):
+        M.choose(3 * GB, real, 1024, 1)
     with pytest.raises(InvalidInputError, match="resolution .* fits"):
         M.choose(9.5 * GB, real, 2048, 1)
 
@@ -73,3 +75,55 @@ def test_quantized_plan_asks_for_an_8_bit_load(tmp_path):
     assert M.resolve(cfg.replace(memory="auto"), model, "cpu") == cfg.replace(memory="auto")  # CPU: fastest plan
     with pytest.raises(InvalidInputError, match="memory"):
         TrainConfig(memory="tiny_card")
+
+
+def test_offloaded_blocks_leave_one_group_of_weights_on_the_card(real):
+    """The blocks hold all but ~12M of Z-Image's parameters; with offload_blocks N the card keeps the rest and N
+    blocks (the activations, LoRA and optimizer terms do not change)."""
+    assert real.denoiser_params - 12_000_000 < real.block_params < real.denoiser_params
+    per_block = real.block_params // real.blocks
+    outside = real.denoiser_params - real.block_params
+    offloaded = M.estimate(M.PLANS["bf16_offloaded"], real, 1024, 1)
+    checkpointed = M.estimate(M.PLANS["bf16_checkpointed"], real, 1024, 1)
+    assert offloaded["weights"] == 2 * (outside + per_block)
+    assert offloaded["activations"] == checkpointed["activations"]
+    four = M.estimate(M.with_offload(M.PLANS["bf16_checkpointed"], 4), real, 1024, 1)
+    assert four["weights"] == 2 * (outside + 4 * per_block) and four["optimizer"] == checkpointed["optimizer"]
+    # more blocks per group than main blocks: one list at a time is the most the card holds
+    many = M.estimate(M.with_offload(M.PLANS["bf16_checkpointed"], 99), real, 1024, 1)
+    assert many["weights"] == 2 * (outside + 30 * per_block) < 2 * real.block_params
+    # an 8-bit base: its 8-bit group plus the running block's bf16 copy
+    fp8 = M.estimate(M.with_offload(M.PLANS["fp8_checkpointed"], 1), real, 1024, 1)
+    assert fp8["weights"] == outside + per_block + 2 * real.denoiser_params // real.blocks
+
+
+def test_offload_blocks_from_the_config_applies_to_every_plan(real):
+    """auto takes the block-offloading plan only when nothing else fits; a config's offload_blocks offloads in the
+    fastest plan that then fits (here bf16 with checkpointing, on an 8 GB card at 1024²)."""
+    assert M.choose(8 * GB, real, 1024, 1)[0].name == "bf16_offloaded"
+    plan, est = M.choose(8 * GB, real, 1024, 1, offload_blocks=2)
+    assert (plan.name, plan.offload_blocks) == ("bf16_checkpointed", 2) and est["total"] <= 8 * GB
+    assert M.choose(None, real, 1024, 1, offload_blocks=2)[0] == M.with_offload(M.PLANS["fast"], 2)
+    assert M.with_offload(M.PLANS["bf16_offloaded"], 0).offload_blocks == 1
+
+
+def test_resolve_turns_on_block_offload(tmp_path):
+    from turbobooth.manager.model import TurboModel
+    from turbobooth.manager.spec import ModelSpec
+    from turbobooth.manager.tiny import build_tiny_zimage
+    from turbobooth.trainer.config import TrainConfig
+
+    model = TurboModel(ModelSpec("tiny"), "zimage", build_tiny_zimage(0), "tiny")
+    cfg = TrainConfig(resolution=32, output_dir=str(tmp_path), memory="bf16_offloaded")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        with pytest.raises(InvalidInputError, match="bitsandbytes"):
+            M.resolve(cfg, model, "cpu")
+    else:
+        resolved = M.resolve(cfg, model, "cpu")
+        assert resolved.offload_blocks == 1 and resolved.gradient_checkpointing and resolved.optimizer == "adamw8bit"
+        assert M.resolve(cfg.replace(offload_blocks=3), model, "cpu").offload_blocks == 3
+    assert M.resolve(cfg.replace(memory="fast", offload_blocks=2), model, "cpu").offload_blocks == 2
+    assert M.resolve(cfg.replace(memory="auto"), model, "cpu").offload_blocks == 0  # a CPU: the fastest plan
+    assert M.resolve(cfg.replace(memory="none", offload_blocks=2), model, "cpu").offload_blocks == 2

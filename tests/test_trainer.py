@@ -736,3 +736,185 @@ def test_lora_on_an_8_bit_base_lowers_the_loss_and_loads_in_diffusers(tmp_path):
     fresh = load_model(ModelSpec(folder))
     fresh.pipe.load_lora_weights(path, adapter_name="check")  # diffusers' own loader reads the file
     assert any("check" in n for n, _ in fresh.denoiser.named_parameters())
+
+
+# ---- block offload ---------------------------------------------------------------------
+
+
+def _hooks(module):
+    return {n: (len(m._forward_pre_hooks), len(m._forward_hooks)) for n, m in module.named_modules()}
+
+
+def _block_params(denoiser):
+    blocks = [b for c in denoiser.children() if isinstance(c, torch.nn.ModuleList) for b in c]
+    return [p for b in blocks for p in b.parameters()]
+
+
+def _training_adapter(model, path):
+    gen = torch.Generator().manual_seed(3)
+    sd = {}
+    for name, module in model.denoiser.named_modules():
+        if name.endswith(".to_q"):
+            sd[f"{name}.lora_A.weight"] = torch.randn(2, module.in_features, generator=gen) * 0.01
+            sd[f"{name}.lora_B.weight"] = torch.randn(module.out_features, 2, generator=gen) * 0.01
+    return L.save_lora_file(L.TurboLora.from_peft("zimage", sd, 2.0), str(path))
+
+
+@pytest.fixture
+def poisoned_parking(monkeypatch):
+    """Offloaded (parked) frozen weights read as NaN: any forward or backward that used one would give NaN, and a
+    result equal to an ordinary run's shows that every use got the weight brought back to the device."""
+    from turbobooth.trainer import offload
+
+    monkeypatch.setattr(offload, "_park", lambda p, host: setattr(p, "data", torch.full_like(host, float("nan"))))
+
+
+@pytest.mark.parametrize("checkpointing, per_group", [(False, 1), (True, 1), (False, 3), (True, 2)])
+def test_block_offload_trains_the_same_lora_and_leaves_the_model_as_it_was(zmodel, tmp_path, poisoned_parking,
+                                                                           checkpointing, per_group):
+    denoiser = zmodel.denoiser
+    before, hooks = _state(denoiser), _hooks(denoiser)
+    grads = [p.requires_grad for p in denoiser.parameters()]
+    kw = dict(steps=3, gradient_checkpointing=checkpointing, gradient_accumulation_steps=2, batch_size=2,
+              with_prior_preservation=True, num_class_images=2, dop_weight=0.5, dop_class="dog",
+              validation_every=2, validation_prompt="a photo of sks dog", validation_steps=1,
+              training_adapter=_training_adapter(zmodel, tmp_path / "adapter.safetensors"))  # frozen, offloaded too
+    plain = loop.train(zmodel, _cfg(tmp_path, "plain", **kw), _squares(RED), class_images=_squares(BLUE))
+    between = []
+
+    def on_step(step, total, preview):  # between steps: every frozen block weight parked, the LoRA where it was
+        frozen = [p for p in _block_params(denoiser) if not p.requires_grad]
+        lora = [p for p in _block_params(denoiser) if p.requires_grad]
+        between.append((all(bool(p.isnan().all()) for p in frozen), all(bool(p.isfinite().all()) for p in lora)))
+
+    offloaded = loop.train(zmodel, _cfg(tmp_path, "offloaded", offload_blocks=per_group, **kw), _squares(RED),
+                           class_images=_squares(BLUE), on_step=on_step)
+    assert between == [(True, True)] * 3
+    assert _same_lora(offloaded.lora, plain.lora) and offloaded.losses == plain.losses
+    assert [p.tobytes() for p in offloaded.previews] == [p.tobytes() for p in plain.previews] != []
+    assert _same_state(before, denoiser) and _hooks(denoiser) == hooks
+    assert [p.requires_grad for p in denoiser.parameters()] == grads
+    assert {p.device.type for p in denoiser.parameters()} == {"cpu"}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_block_offload_on_an_8_bit_base(tmp_path, poisoned_parking, checkpointing):
+    from turbobooth.manager.loading import load_model
+    from turbobooth.manager.tiny import write_tiny_models
+
+    folder = write_tiny_models(str(tmp_path / "tiny"), formats=("diffusers",))["zimage_diffusers"]
+    model = load_model(ModelSpec(folder, dtype="fp8_e4m3fn"))
+    before, hooks = _state(model.denoiser), _hooks(model.denoiser)
+    cfg = _cfg(tmp_path, "plain", steps=3, gradient_checkpointing=checkpointing)
+    plain = loop.train(model, cfg, _squares(RED))
+    offloaded = loop.train(model, _cfg(tmp_path, "offloaded", steps=3, gradient_checkpointing=checkpointing,
+                                       offload_blocks=1), _squares(RED))
+    assert _same_lora(offloaded.lora, plain.lora)
+    assert _same_state(before, model.denoiser) and _hooks(model.denoiser) == hooks
+    assert model.denoiser.get_submodule("layers.0.attention.to_q").weight.dtype == torch.float8_e4m3fn
+
+
+def test_block_offload_resumes_bit_exactly(zmodel, tmp_path):
+    import shutil
+
+    kw = dict(steps=5, lr=3e-3, lr_scheduler="cosine", gradient_checkpointing=True)
+    full = loop.train(zmodel, _cfg(tmp_path, "full", **kw), _squares(RED))
+    done = []
+    cfg = _cfg(tmp_path, "split", checkpoint_every=2, offload_blocks=1, **kw)
+    first = loop.train(zmodel, cfg, _squares(RED), on_step=lambda s, t, p: done.append(s),
+                       should_stop=lambda: len(done) >= 3)
+    assert first.stopped and first.step == 3
+    shutil.copytree(first.checkpoint_dir, tmp_path / "copy" / "checkpoint-3")
+    second = loop.train(zmodel, cfg.replace(resume="latest"), _squares(RED))
+    assert second.step == 5 and _same_lora(second.lora, full.lora) and second.losses == full.losses
+    # and a run without offloading resumes the offloaded run's checkpoint
+    third = loop.train(zmodel, cfg.replace(resume="latest", offload_blocks=0, output_dir=str(tmp_path / "copy")),
+                       _squares(RED))
+    assert third.step == 5 and _same_lora(third.lora, full.lora)
+
+
+# the block runs once a step without checkpointing, twice with it (forward, then recomputed in backward)
+@pytest.mark.parametrize("checkpointing, failing_call", [(False, 2), (True, 3), (True, 4)])
+def test_block_offload_puts_the_model_back_after_an_error(zmodel, tmp_path, monkeypatch, poisoned_parking,
+                                                          checkpointing, failing_call):
+    denoiser = zmodel.denoiser
+    before, hooks = _state(denoiser), _hooks(denoiser)
+    block = denoiser.layers[1]
+    real, calls = type(block).forward, []
+
+    def failing(self, *args, **kwargs):
+        if self is block:
+            calls.append(1)
+            if len(calls) == failing_call:  # in the second step's forward or backward pass
+                raise RuntimeError("injected failure")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(block), "forward", failing)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        loop.train(zmodel, _cfg(tmp_path, "failed", steps=3, offload_blocks=1, gradient_checkpointing=checkpointing),
+                   _squares(RED))
+    monkeypatch.setattr(type(block), "forward", real)
+    assert _same_state(before, denoiser) and _hooks(denoiser) == hooks
+    # nothing of the failed run is left behind (hooks, saved-tensor hooks): a new run trains as on a fresh model
+    again = loop.train(zmodel, _cfg(tmp_path, "again", steps=2), _squares(RED))
+    fresh = loop.train(_model(), _cfg(tmp_path, "fresh", steps=2), _squares(RED))
+    assert _same_lora(again.lora, fresh.lora)
+
+
+def test_block_offload_refuses_an_accelerate_offloaded_model(zmodel, tmp_path):
+    from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+
+    before = _state(zmodel.denoiser)
+    add_hook_to_module(zmodel.denoiser.layers[0], ModelHook())
+    try:
+        with pytest.raises(InvalidInputError, match="offload_blocks cannot be combined with TurboLoader's offload"):
+            loop.train(zmodel, _cfg(tmp_path, steps=1, offload_blocks=1), _squares(RED))
+    finally:
+        remove_hook_from_module(zmodel.denoiser.layers[0])
+    assert _same_state(before, zmodel.denoiser)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_block_offload_on_cuda_keeps_the_lora_on_the_gpu_and_lowers_the_peak(tmp_path, checkpointing):
+    """A Z-Image denoiser wide enough that its blocks' weights outweigh a 32² step's activations."""
+    from diffusers import ZImagePipeline, ZImageTransformer2DModel
+    from turbobooth.manager.tiny import _ZIMAGE_TRANSFORMER
+
+    torch.manual_seed(0)
+    wide = ZImageTransformer2DModel(**dict(_ZIMAGE_TRANSFORMER, dim=512, n_heads=16, n_kv_heads=16, n_layers=6))
+    with torch.no_grad():
+        wide.x_pad_token.normal_(0.0, 0.02)
+        wide.cap_pad_token.normal_(0.0, 0.02)
+    pipe = ZImagePipeline(**{**build_tiny_zimage(0).components, "transformer": wide}).to("cuda")
+    pipe.set_progress_bar_config(disable=True)
+    model = TurboModel(ModelSpec("tiny"), "zimage", pipe, "tiny-wide", device="cuda")
+    before, hooks = _state(model.denoiser), _hooks(model.denoiser)
+    block_bytes = sum(p.numel() * p.element_size() for p in _block_params(model.denoiser))
+    peaks, where = {}, []
+
+    def watch(name):
+        def on_step(step, total, preview):
+            params = _block_params(model.denoiser)
+            where.append((name, {p.device.type for p in params if not p.requires_grad},
+                          {p.device.type for p in params if p.requires_grad}))
+            if step == 1:  # the caching of latents and prompts is over: measure the steady steps
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            else:
+                peaks[name] = torch.cuda.max_memory_allocated()
+        return on_step
+
+    results = {}
+    for name, blocks in (("plain", 0), ("offloaded", 1)):
+        cfg = _cfg(tmp_path, name, steps=3, gradient_checkpointing=checkpointing, offload_blocks=blocks, memory="none")
+        results[name] = loop.train(model, cfg, _squares(RED), on_step=watch(name))
+    assert [w for w in where if w[0] == "offloaded"] == [("offloaded", {"cpu"}, {"cuda"})] * 3
+    assert [w for w in where if w[0] == "plain"] == [("plain", {"cuda"}, {"cuda"})] * 3
+    # the card held every block's weights before; now about one block's (1 of 8) at a time
+    assert peaks["offloaded"] < peaks["plain"] - 0.5 * block_bytes, (peaks, block_bytes)
+    assert {p.device.type for p in model.denoiser.parameters()} == {"cuda"}
+    assert _same_state(before, model.denoiser) and _hooks(model.denoiser) == hooks
+    a, b = results["plain"].lora.tensors, results["offloaded"].lora.tensors
+    assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)

@@ -145,3 +145,19 @@ def test_seed_range_and_auto_precision():
     with pytest.raises(InvalidInputError, match="seed=18446744073709551616 must be an integer from 0 to"):
         TrainConfig(seed=2**64)
     assert TrainConfig(mixed_precision="auto").mixed_precision == "auto"
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, "2", True, None])
+def test_offload_blocks_must_be_a_count(value):
+    with pytest.raises(InvalidInputError, match=rf"^offload_blocks={value!r} must be an integer >= 0: 0 = off"):
+        TrainConfig(offload_blocks=value)
+
+
+def test_offload_blocks_is_for_zimage_and_keeps_the_fingerprint(tmp_path):
+    with pytest.raises(InvalidInputError, match="offload_blocks=2 offloads Z-Image's transformer blocks.*=0"):
+        TrainConfig(family="sd1", resolution=512, offload_blocks=2)
+    cfg = TrainConfig(offload_blocks=3, memory="bf16_offloaded")
+    assert TrainConfig.load(cfg.save(str(tmp_path / "run.yaml"))) == cfg
+    # where the frozen weights wait between uses does not change a single value: checkpoints resume either way
+    assert cfg.trajectory_fingerprint() == TrainConfig(memory="bf16_offloaded").trajectory_fingerprint()
+    assert cfg.trajectory_fingerprint() == TrainConfig().trajectory_fingerprint()

@@ -22,7 +22,8 @@ from ..manager.families import FAMILIES
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")  # auto: bf16 where the device has it, else fp32
 LR_SCHEDULERS = ("constant", "cosine", "linear")
 TRAIN_MODES = ("lora", "full")
-MEMORY_CHOICES = ("auto", "none", "fast", "bf16_checkpointed", "fp8_checkpointed")  # trainer.memory.PLANS
+# trainer.memory.PLANS
+MEMORY_CHOICES = ("auto", "none", "fast", "bf16_checkpointed", "fp8_checkpointed", "bf16_offloaded")
 TIMESTEP_SAMPLING = ("uniform", "logit_normal", "shifted")
 OPTIMIZERS = ("adamw", "adamw8bit")
 # Fields that do not change the training trajectory; a checkpoint made with other values still resumes.
@@ -45,6 +46,7 @@ _NON_TRAJECTORY = frozenset(
         "min_free_disk_gb",
         "memory",  # a plan's options (optimizer, checkpointing) are fingerprinted themselves, once resolved
         "offload_encoders",
+        "offload_blocks",  # where the frozen weights wait between uses; the same values are computed
         "cache_to_disk",  # the cached tensors are the same whether they come from disk or the encoders
     }
 )
@@ -87,6 +89,7 @@ class TrainConfig:
     ema_decay: float = 0.0  # an EMA of the LoRA weights on the CPU, e.g. 0.999 (0 = off)
     memory: str = "auto"  # a memory plan (trainer.memory.PLANS), "auto" (fits the card's free memory) or "none"
     offload_encoders: bool = False  # the VAE and text encoder off the GPU once latents/embeddings are cached
+    offload_blocks: int = 0  # Z-Image: frozen block weights on the CPU, this many blocks on the GPU at a time (0 = off)
     cache_to_disk: bool = False  # keep the latents and embeddings in the run folder: a resume skips the encoders
     train_mode: str = "lora"
     rank: int = 16
@@ -134,6 +137,7 @@ class TrainConfig:
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         _check_numbers(self)
         _check_choices(self)
+        _check_offload(self)
 
     # -- derived values -------------------------------------------------------------------
 
@@ -356,3 +360,13 @@ def _check_choices(cfg: TrainConfig) -> None:  # noqa: C901 - a flat list of che
         raise _err(f"output_dir={cfg.output_dir!r} must be a folder path")
     if cfg.validation_every and not cfg.validation_prompt.strip():
         raise _err("validation_every > 0 needs a validation_prompt")
+
+
+def _check_offload(cfg: TrainConfig) -> None:
+    value = cfg.offload_blocks
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise _err(f"offload_blocks={value!r} must be an integer >= 0: 0 = off, N = transformer blocks kept on the "
+                   "GPU at a time while the other blocks' frozen weights wait on the CPU (1 = the least memory)")
+    if value and cfg.family != "zimage":
+        raise _err(f"offload_blocks={value} offloads Z-Image's transformer blocks; {FAMILIES[cfg.family].label} "
+                   "trains without it: set offload_blocks=0")

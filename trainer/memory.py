@@ -8,19 +8,24 @@ A plan is a set of options, each of which can also be set alone in TrainConfig:
 * ``gradient_checkpointing``: each block's activations are recomputed in backward instead of kept;
 * ``optimizer="adamw8bit"``: bitsandbytes' 8-bit AdamW states;
 * ``offload_encoders``: the VAE and the text encoder leave the GPU once latents and embeddings are cached,
-  and come back for validation previews.
+  and come back for validation previews;
+* ``offload_blocks``: the frozen weights of the transformer blocks wait on the CPU and come to the GPU one group
+  of N blocks at a time (:mod:`.offload`); the LoRA and its optimizer state stay on the GPU. It costs two
+  host-to-GPU copies of the blocks per step (forward, then backward or checkpointing's recomputation).
 
 ``memory="auto"`` reads the training device's free memory (``torch.cuda.mem_get_info``) and takes the first
-plan, fastest first, whose estimate fits; on a CPU it takes the fastest. The estimate is
-:func:`estimate`: weights by dtype (counted on an empty model built from the config), LoRA weights, gradients
-and optimizer states, activations per token per block with and without checkpointing, and a fixed overhead.
+plan, fastest first, whose estimate fits; on a CPU it takes the fastest. The block-offloading plan is the last:
+auto takes it only when no other plan fits. An ``offload_blocks`` set in the config applies to every plan.
+The estimate is :func:`estimate`: weights by dtype (counted on an empty model built from the config), LoRA
+weights, gradients and optimizer states, activations per token per block with and without checkpointing, and a
+fixed overhead.
 ``benchmarks/bench_memory.py`` measures real steps and prints its figures beside these estimates.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..manager.errors import InvalidInputError, get_logger
 
@@ -36,6 +41,7 @@ class Plan:
     optimizer: str
     offload_encoders: bool
     card: str  # what it is meant for
+    offload_blocks: int = 0  # transformer blocks on the device at a time, the others' frozen weights on the CPU
 
 
 # fastest first; auto takes the first that fits
@@ -43,6 +49,7 @@ PLANS = {
     "fast": Plan("fast", False, False, "adamw", False, "64 GB and more at 1024²"),
     "bf16_checkpointed": Plan("bf16_checkpointed", False, True, "adamw", True, "24 GB"),
     "fp8_checkpointed": Plan("fp8_checkpointed", True, True, "adamw8bit", True, "12-16 GB"),
+    "bf16_offloaded": Plan("bf16_offloaded", False, True, "adamw8bit", True, "8 GB; slower", offload_blocks=1),
 }
 
 # Activation bytes per token per block, kept for backward (bf16): about ACT_DIM values of width ``dim`` (norms,
@@ -67,10 +74,12 @@ class Shape:
     ffn: int
     lora_params: int  # trainable parameters of the LoRA at this rank
     encoder_params: int  # text encoder + VAE
+    block_params: int = 0  # parameters inside the blocks (what offload_blocks moves)
 
 
 def shape_of(transformer_config: dict, rank: int, targets: tuple, encoder_params: int) -> Shape:
     """Counts from an empty (meta) model built from the config: exact, and no memory used."""
+    import torch
     from accelerate import init_empty_weights
     from diffusers import ZImageTransformer2DModel
 
@@ -83,8 +92,19 @@ def shape_of(transformer_config: dict, rank: int, targets: tuple, encoder_params
             lora += rank * (module.in_features + module.out_features)
     ffn = model.layers[0].feed_forward.w1.out_features
     blocks = int(cfg["n_layers"]) + 2 * int(cfg["n_refiner_layers"])
+    in_blocks = sum(p.numel() for c in model.children() if isinstance(c, torch.nn.ModuleList) for p in c.parameters())
     return Shape(sum(p.numel() for p in model.parameters()), blocks, int(cfg["n_refiner_layers"]), int(cfg["dim"]), ffn,
-                 lora, encoder_params)
+                 lora, encoder_params, in_blocks)
+
+
+def resident_params(plan: Plan, shape: Shape) -> int:
+    """Denoiser parameters on the device: all of them, or with ``offload_blocks`` N those outside the blocks
+    plus one group of N blocks (the largest group: N main blocks at most)."""
+    if not plan.offload_blocks:
+        return shape.denoiser_params
+    per_block = shape.block_params // shape.blocks
+    main = shape.blocks - 2 * shape.refiners
+    return shape.denoiser_params - shape.block_params + min(plan.offload_blocks, main) * per_block
 
 
 def estimate(plan: Plan, shape: Shape, resolution: int, batch: int) -> dict:
@@ -99,7 +119,7 @@ def estimate(plan: Plan, shape: Shape, resolution: int, batch: int) -> dict:
     else:
         activations = block_tokens * per_token
     activations += (image + caption) * BACKWARD_DIM * shape.dim * 2
-    weights = shape.denoiser_params * (1 if plan.quantize_base else 2)
+    weights = resident_params(plan, shape) * (1 if plan.quantize_base else 2)
     if plan.quantize_base:  # layerwise casting keeps each running block's bf16 copy for backward
         weights += 2 * shape.denoiser_params // (shape.blocks if plan.gradient_checkpointing else 1)
     parts = {
@@ -114,13 +134,20 @@ def estimate(plan: Plan, shape: Shape, resolution: int, batch: int) -> dict:
     return parts
 
 
-def choose(free_bytes: float | None, shape: Shape, resolution: int, batch: int) -> tuple[Plan, dict]:
+def with_offload(plan: Plan, offload_blocks: int) -> Plan:
+    """``plan`` with the config's ``offload_blocks`` (0: the plan's own)."""
+    return replace(plan, offload_blocks=offload_blocks) if offload_blocks else plan
+
+
+def choose(free_bytes: float | None, shape: Shape, resolution: int, batch: int,
+           offload_blocks: int = 0) -> tuple[Plan, dict]:
     """The fastest plan whose estimate fits ``free_bytes`` (None: no limit, a CPU), or a message saying what fits."""
     for plan in PLANS.values():
+        plan = with_offload(plan, offload_blocks)
         est = estimate(plan, shape, resolution, batch)
         if free_bytes is None or est["total"] <= free_bytes:
             return plan, est
-    lightest = list(PLANS.values())[-1]  # ``est`` is its estimate now
+    lightest = plan  # the last plan; ``est`` is its estimate now
     res = next(  # 64 px steps down to 256 (or just below)
         (r for r in range(resolution, 192, -64) if estimate(lightest, shape, r, batch)["total"] <= free_bytes), None
     )
@@ -151,20 +178,22 @@ def resolve(config, model, device):
     shape = shape_of(dict(model.denoiser.config), config.rank, config.targets, enc)
     batch = config.batch_size * (2 if config.with_prior_preservation else 1)
     if config.memory == "auto":
-        plan, est = choose(free_memory(device), shape, config.resolution, batch)
+        plan, est = choose(free_memory(device), shape, config.resolution, batch, config.offload_blocks)
     else:
-        plan = PLANS[config.memory]
+        plan = with_offload(PLANS[config.memory], config.offload_blocks)
         est = estimate(plan, shape, config.resolution, batch)
     eight_bit = any(p.dtype.itemsize == 1 for p in model.denoiser.parameters())
     if plan.quantize_base and not eight_bit:
         raise InvalidInputError(
             f"memory plan {plan.name!r} trains on an 8-bit base: load the model with dtype 'fp8_e4m3fn' in "
             "TurboLoader (the shared base is never quantized behind your back), or choose memory='bf16_checkpointed'")
-    logger.info("memory plan %s (%s): about %.1f GB peak (%s)", plan.name, plan.card, est["total"] / GB,
+    blocks = f", offload_blocks {plan.offload_blocks}" if plan.offload_blocks else ""
+    logger.info("memory plan %s (%s%s): about %.1f GB peak (%s)", plan.name, plan.card, blocks, est["total"] / GB,
                 ", ".join(f"{k} {v / GB:.2f}" for k, v in est.items() if k != "total"))
     return config.replace(gradient_checkpointing=config.gradient_checkpointing or plan.gradient_checkpointing,
                           optimizer="adamw8bit" if plan.optimizer == "adamw8bit" else config.optimizer,
-                          offload_encoders=config.offload_encoders or plan.offload_encoders)
+                          offload_encoders=config.offload_encoders or plan.offload_encoders,
+                          offload_blocks=plan.offload_blocks)
 
 
 @contextmanager

@@ -1,7 +1,8 @@
 """One DreamBooth training run: :class:`Run` with ``setup``, ``step``, ``checkpoint`` and ``finish``.
 
 accelerate owns the state (optimizer, schedule, RNG, checkpoints, logging; see :mod:`.state`); diffusers and
-peft own the adapters (see :mod:`.adapters`). The shared model stays on the device TurboLoader chose, and the
+peft own the adapters (see :mod:`.adapters`). The shared model stays on the device TurboLoader chose (with
+``offload_blocks`` its blocks' frozen weights wait on the CPU during the run, see :mod:`.offload`), and the
 caller holds ``model.lock`` for the whole run so sampling never touches the model meanwhile. Full fine-tunes
 (SD1.x) train deep copies and return a new TurboModel.
 """
@@ -23,6 +24,7 @@ from . import adapters as A
 from . import cache as C
 from . import ema as E
 from . import memory as M
+from . import offload as O
 from . import state as S
 from .config import TrainConfig
 from .objective import SEED_SPACE, _Objective, assemble_batch
@@ -113,6 +115,7 @@ class Run:
             self.losses = [float(v) for v in resume_meta.get("losses", [])][: self.start_step]
             self.last_checkpoint = resume_path
             logger.info("resumed from %s at step %d", resume_path, self.start_step)
+        self._hooks += O.enable(self.denoiser, cfg.offload_blocks, self.device, self.optim)  # frozen blocks to the CPU
         S.check_output_dir(self.output_dir, cfg.min_free_disk_gb)  # created now that the data is cached
         self.objective = _Objective(self.pipe, self.family, cfg.seed, cfg.timestep_sampling, cfg.timestep_shift)
         self.dtype = self.model.dtype if self.lora_mode else self.denoiser.dtype
