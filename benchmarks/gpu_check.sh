@@ -400,7 +400,9 @@ def to_fp8(model):
     with measured(result["meta"], "fp8_conversion") as entry:
         if entry is None:
             return False
-        model.denoiser.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+        from turbobooth.manager.loading import store_weights  # what TurboLoader's dtype fp8_e4m3fn does
+
+        store_weights(model.denoiser, torch.float8_e4m3fn, torch.bfloat16)
         gc.collect()
         if CUDA:
             torch.cuda.empty_cache()
@@ -421,7 +423,7 @@ def main():
     if model is None:
         return 1
     sampling(model)
-    for plan in ("fast", "bf16_checkpointed"):
+    for plan in ("fast", "bf16_checkpointed", "bf16_offloaded"):
         for res in RESOLUTIONS:
             train_plan(model, plan, res)
     for variant in ("fast", "bf16_checkpointed"):
