@@ -33,6 +33,11 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model"]
 logging.getLogger("diffusers.models.modeling_utils").addFilter(
     lambda record: "should be kept in float32: []" not in record.getMessage()
 )
+# peft imports bitsandbytes when it is installed, and bitsandbytes then warns on every start that an optional CPU
+# 4-bit kernel package is missing; TurboBooth uses only its 8-bit AdamW
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: "gemm_4bit_forward from kernels-community" not in record.getMessage()
+)
 
 
 def resolve_torch_dtype(name: str, device: str):

@@ -300,3 +300,19 @@ def test_img2img_logs_no_empty_float32_warning(folders, caplog):
     with caplog.at_level("WARNING"):
         _sample(model, init_image=torch.rand(1, 32, 32, 3), denoise=0.5)
     assert "kept in float32: []" not in caplog.text
+
+
+def test_importing_peft_with_bitsandbytes_logs_no_missing_kernel_warning():
+    """peft imports bitsandbytes, which warns on every start about an optional CPU 4-bit kernel package."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("bitsandbytes")
+    code = (
+        "import logging; logging.basicConfig(level=logging.WARNING)\n"
+        "import turbobooth.manager.loading, peft, bitsandbytes\n"
+        "logging.getLogger('bitsandbytes.backends.cpu.ops').warning('a real warning still shows')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "kernels-community" not in out.stderr and "a real warning still shows" in out.stderr
