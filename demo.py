@@ -40,7 +40,7 @@ def run_demo(out: str, seed: int = 0, steps: int = 30):
     from .manager.tiny import write_tiny_models
     from .trainer.config import TrainConfig
     from .trainer.loop import train
-    from .trainer.priors import class_images
+    from .trainer.priors import PriorCache
 
     out = os.path.abspath(out)
     size = 64
@@ -58,7 +58,7 @@ def run_demo(out: str, seed: int = 0, steps: int = 30):
 
     # 1. class images (cached by content; a rerun generates nothing)
     prior_root = os.path.join(out, "class_images")
-    priors = class_images(model, CLASS_PROMPT, 8, seed=seed, width=size, height=size, root=prior_root)
+    priors = PriorCache(model, CLASS_PROMPT, seed=seed, width=size, height=size, root=prior_root).load(8)
     yield f"class images: {len(priors)} in {prior_root}"
 
     # 2. a few training steps with prior preservation

@@ -55,10 +55,7 @@ class StepLatents:
             prev = self.first.to(x_next.device) * float(getattr(scheduler, "init_noise_sigma", 1.0))
             self.first = None
         self.prev = x_next
-        x0 = x_next
-        if prev is not None and _is_euler(scheduler):
-            x0 = _euler_x0(scheduler, prev, x_next)
-        return self.preview(x0)
+        return self.preview(_euler_x0(scheduler, prev, x_next) if prev is not None and _is_euler(scheduler) else x_next)
 
 
 def _euler_x0(scheduler, x, x_next):

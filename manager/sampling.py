@@ -7,13 +7,11 @@ Inputs are checked in :mod:`.inputs` before anything runs.
 
 from __future__ import annotations
 
-import contextlib
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .errors import Interrupted, InvalidInputError, get_logger
-from .families import defaults_for
 from .inputs import (  # noqa: F401  (Guidance, parse_prompts and check_size are part of this module's API)
     MAX_IMAGES,
     Guidance,
@@ -60,9 +58,8 @@ class _Job:
     mask: object = None
 
 
-def _check_init(job_size: tuple, init_image, mask, steps: int, denoise: float, total: int) -> tuple:
+def _check_init(width, height, init_image, mask, steps: int, denoise: float, total: int) -> tuple:
     """(width, height, mask) for img2img/inpaint inputs, or a message saying what does not fit."""
-    width, height = job_size
     if init_image.ndim != 4 or init_image.shape[-1] not in (3, 4):
         raise InvalidInputError(f"init image must be a ComfyUI IMAGE [B,H,W,C]; got shape {tuple(init_image.shape)}")
     finite_tensor("init image", init_image)
@@ -110,7 +107,7 @@ def _job(model: TurboModel, prompts, seed, steps, width, height, images_per_prom
     if shift is not None:
         shift = number("shift", shift, 0.0, 100.0, lo_open=True)
     if init_image is not None:
-        width, height, mask = _check_init((width, height), init_image, mask, steps, denoise, total)
+        width, height, mask = _check_init(width, height, init_image, mask, steps, denoise, total)
     elif mask is not None:
         raise InvalidInputError("a mask needs an init image to inpaint; connect the image the mask belongs to")
     width = d.default_size if width is None else width
@@ -127,126 +124,60 @@ def _job(model: TurboModel, prompts, seed, steps, width, height, images_per_prom
                 init_image, denoise, mask)
 
 
-class _EmbedCache:
-    """A small LRU of prompt embeddings per model, so a repeated prompt skips the text encoder."""
-
-    def __init__(self, size: int = EMBED_CACHE_SIZE):
-        self.size = size
-        self.items: OrderedDict = OrderedDict()
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, key):
-        """The cached value; the caller put it there just before (``_encode``)."""
-        self.items.move_to_end(key)
-        self.hits += 1
-        return self.items[key]
-
-    def put(self, key, value) -> None:
-        self.misses += 1
-        self.items[key] = value
-        while len(self.items) > self.size:
-            self.items.popitem(last=False)
-
-    def clear(self) -> None:
-        self.items.clear()
-
-
-def embed_cache(model: TurboModel) -> _EmbedCache:
-    cache = model.extras.get("embed_cache")
-    if cache is None:
-        cache = model.extras["embed_cache"] = _EmbedCache()
-    return cache
+def embed_cache(model: TurboModel) -> OrderedDict:
+    """A small LRU of prompt embeddings per model (the most recent last), so a repeated prompt skips the text
+    encoder."""
+    return model.extras.setdefault("embed_cache", OrderedDict())
 
 
 def _noise(model: TurboModel, seeds: list[int], width: int, height: int, per_prompt: int):
     """Initial noise: prompt i draws its images from its own generator seeded with seed + i."""
     import torch
 
-    pipe = model.pipe
-    factor = pipe.vae_scale_factor
-    if model.family == "zimage":
-        channels = pipe.transformer.in_channels
-    else:
-        channels = pipe.unet.config.in_channels
-    shape = (per_prompt, channels, height // factor, width // factor)
-    chunks = []
-    for s in seeds:
-        g = torch.Generator("cpu").manual_seed(int(s))
-        chunks.append(torch.randn(shape, generator=g, dtype=torch.float32))
-    return torch.cat(chunks, dim=0)
-
-
-def _to_image_tensor(decoded):
-    """[B,3,H,W] in -1..1 -> ComfyUI IMAGE [B,H,W,3] in 0..1 on CPU."""
-    return (decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu()
+    factor = model.pipe.vae_scale_factor
+    shape = (per_prompt, model.denoiser.config.in_channels, height // factor, width // factor)
+    return torch.cat([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s)), dtype=torch.float32)
+                      for s in seeds])
 
 
 def _decode(model: TurboModel, latents):
+    """Model-space latents -> (ComfyUI IMAGE [B,H,W,3] in 0..1, raw VAE latents), both on CPU."""
     import torch
 
     vae = model.pipe.vae
-    scale = vae.config.scaling_factor
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    raw = latents / scale + shift
+    raw = latents / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
     with torch.no_grad():
         decoded = vae.decode(raw.to(vae.dtype), return_dict=False)[0]
-    return _to_image_tensor(decoded), raw.float().cpu()
+    return (decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu(), raw.float().cpu()
 
 
-def _encode_init(model: TurboModel, image):
-    """ComfyUI IMAGE [B,H,W,C] 0..1 -> pipeline image tensor [B,3,H,W] in 0..1 (the pipeline normalises)."""
-    return image[..., :3].permute(0, 3, 1, 2).float().clamp(0, 1)
-
-
-def _run_pipeline(model, p_emb, n_emb, scale, guidance, steps, width, height, latents, max_len, callback,
-                  init_image, denoise, mask, rows, seeds, per_prompt):
+def _run_pipeline(model: TurboModel, job: _Job, p_emb: list, n_emb: list | None, scale: float, rows: list,
+                  latents, callback):
+    """One pipeline call for the images ``rows`` (prompt ``r // per_prompt`` each), all at guidance ``scale``."""
     import torch
 
-    pipe = model.pipe
-    family = model.family
-    common = dict(
-        num_inference_steps=steps,
-        guidance_scale=scale,
-        height=height,
-        width=width,
-        output_type="latent",
-        callback_on_step_end=callback,
-    )
-    if family == "zimage":
-        common.update(
-            prompt_embeds=list(p_emb),
-            negative_prompt_embeds=list(n_emb) if n_emb is not None else None,
-            cfg_truncation=guidance.cfg_truncation,
-            cfg_normalization=guidance.cfg_normalization,
-            max_sequence_length=max_len,
-        )
+    kwargs = dict(num_inference_steps=job.steps, guidance_scale=scale, height=job.height, width=job.width,
+                  output_type="latent", callback_on_step_end=callback)
+    if model.family == "zimage":
+        kwargs.update(prompt_embeds=p_emb, negative_prompt_embeds=n_emb, cfg_truncation=job.guidance.cfg_truncation,
+                      cfg_normalization=job.guidance.cfg_normalization, max_sequence_length=job.max_len)
     else:
-        common.update(
-            prompt_embeds=torch.stack(list(p_emb)),
-            negative_prompt_embeds=torch.stack(list(n_emb)) if n_emb is not None else None,
-        )
-    if init_image is None:
-        return pipe(latents=latents.to(model.device), **common).images
-    # img2img / inpaint: the init latents get noise from our per-prompt generators
-    image = _encode_init(model, init_image)
-    if image.shape[0] > 1:
-        image = image[rows]
-    by_prompt: dict[int, object] = {}
-    gens = []
-    for r in rows:
-        i = r // per_prompt
-        if i not in by_prompt:
-            by_prompt[i] = torch.Generator("cpu").manual_seed(seeds[i])
-        gens.append(by_prompt[i])
-    if mask is None:
-        sub = _sub_pipeline(model, "img2img")
-        return sub(image=image, strength=float(denoise), generator=gens, **common).images
-    sub = _sub_pipeline(model, "inpaint")
-    m = mask.float()
-    if m.shape[0] > 1:
-        m = m[rows]
-    return sub(image=image, mask_image=m.unsqueeze(1), strength=float(denoise), generator=gens, **common).images
+        kwargs.update(prompt_embeds=torch.stack(p_emb),
+                      negative_prompt_embeds=None if n_emb is None else torch.stack(n_emb))
+    if job.init_image is None:
+        return model.pipe(latents=latents.to(model.device), **kwargs).images
+    # img2img / inpaint: the init latents get noise from our per-prompt generators (one per prompt, shared by
+    # its images); the pipelines take the image as [B,3,H,W] in 0..1 and normalise it themselves
+    per = job.per_prompt
+    gens = {i: torch.Generator("cpu").manual_seed(job.seeds[i]) for i in dict.fromkeys(r // per for r in rows)}
+    image = job.init_image[..., :3].permute(0, 3, 1, 2).float().clamp(0, 1)
+    kwargs.update(image=image[rows] if image.shape[0] > 1 else image, strength=float(job.denoise),
+                  generator=[gens[r // per] for r in rows])
+    if job.mask is None:
+        return _sub_pipeline(model, "img2img")(**kwargs).images
+    mask = job.mask.float()
+    mask = mask[rows] if mask.shape[0] > 1 else mask
+    return _sub_pipeline(model, "inpaint")(mask_image=mask.unsqueeze(1), **kwargs).images
 
 
 def _sub_pipeline(model: TurboModel, task: str):
@@ -254,14 +185,10 @@ def _sub_pipeline(model: TurboModel, task: str):
     subs = model.extras.setdefault("pipelines", {})
     sub = subs.get(task)
     if sub is None:
-        sub = subs[task] = defaults_for(model.family).pipeline_class(task).from_pipe(model.pipe)
+        sub = subs[task] = model.defaults.pipeline_class(task).from_pipe(model.pipe)
         sub.set_progress_bar_config(disable=True)
     sub.scheduler = model.pipe.scheduler
     return sub
-
-
-def _lora_key(loras) -> tuple:
-    return tuple((id(lora), float(strength)) for lora, strength in loras)
 
 
 def _encode(model: TurboModel, prompts: list[str], max_len: int, loras, should_stop=None) -> list:
@@ -269,9 +196,9 @@ def _encode(model: TurboModel, prompts: list[str], max_len: int, loras, should_s
     import torch
 
     cache = embed_cache(model)
-    lk = _lora_key([(lo, s) for lo, s in loras if getattr(lo, "touches_text_encoder", False)])
+    lk = tuple((id(lo), float(s)) for lo, s in loras if getattr(lo, "touches_text_encoder", False))
     keys = [(model.family, p, max_len, lk) for p in prompts]
-    missing = list(dict.fromkeys(p for p, k in zip(prompts, keys, strict=True) if k not in cache.items))
+    missing = list(dict.fromkeys(p for p, k in zip(prompts, keys, strict=True) if k not in cache))
     for start in range(0, len(missing), ENCODE_CHUNK):
         if should_stop is not None and should_stop():
             raise Interrupted("generation was cancelled while encoding prompts")
@@ -282,16 +209,13 @@ def _encode(model: TurboModel, prompts: list[str], max_len: int, loras, should_s
             else:
                 embeds = list(model.pipe.encode_prompt(list(chunk), model.device, 1, False)[0])
         for p, e in zip(chunk, embeds, strict=True):
-            cache.put((model.family, p, max_len, lk), e)
-    return [cache.get(k) for k in keys]
-
-
-def _adapters(model: TurboModel, loras):
-    if not loras:
-        return contextlib.nullcontext()
-    from . import lora as lora_mod
-
-    return lora_mod.applied(model, list(loras))
+            cache[(model.family, p, max_len, lk)] = e
+    out = [cache[k] for k in keys]
+    for k in keys:
+        cache.move_to_end(k)
+    while len(cache) > EMBED_CACHE_SIZE:
+        cache.popitem(last=False)
+    return out
 
 
 def generate(
@@ -323,10 +247,13 @@ def generate(
     then ``preview(x0)`` runs first, on the first image's latent [1,C,h,w] (float32, model latent space; the
     x0 estimate where the sampler allows, see :mod:`.previews`), and ``shown`` is what it returned.
     """
+    from .lora import applied
+
     job = _job(model, prompts, seed, steps, width, height, images_per_prompt, sampler, shift, guidance,
                init_image, denoise, mask, max_sequence_length)
-    with model.lock, _adapters(model, loras):
-        return _run(model, job, list(loras), on_step, should_stop, preview)
+    loras = list(loras)
+    with model.lock, applied(model, loras):
+        return _run(model, job, loras, on_step, should_stop, preview)
 
 
 def _scheduler_for(model: TurboModel, job: _Job):
@@ -338,7 +265,7 @@ def _scheduler_for(model: TurboModel, job: _Job):
         if job.sampler == "euler" and own_euler and job.shift in (None, base.config.get("shift")):
             return base  # the model's own flow-matching Euler scheduler, as loaded
         return schedulers.zimage_scheduler(dict(base.config), job.sampler, job.shift)
-    return schedulers.sd1_scheduler(dict(base.config), job.sampler, base)
+    return schedulers.sd1_scheduler(base, job.sampler)
 
 
 def _run(model: TurboModel, job: _Job, loras: list, on_step, should_stop, preview=None) -> SampleResult:
@@ -374,12 +301,10 @@ def _run(model: TurboModel, job: _Job, loras: list, on_step, should_stop, previe
             negs = _encode(model, [job.per[i][0] for i in idx], job.max_len, loras, should_stop) if cfg_on else None
             rows = [i * per + j for i in idx for j in range(per)]
             p_emb = [pos[i] for i in idx for _ in range(per)]
-            n_emb = [negs[k] for k, _ in enumerate(idx) for _ in range(per)] if cfg_on else None
+            n_emb = [n for n in negs for _ in range(per)] if cfg_on else None
             if shown is not None:
                 shown.begin(noise[rows] if job.init_image is None else None)
-            lat_out = _run_pipeline(model, p_emb, n_emb, scale, job.guidance, job.steps, job.width, job.height,
-                                    noise[rows], job.max_len, cb, job.init_image, job.denoise, job.mask, rows,
-                                    job.seeds, per)
+            lat_out = _run_pipeline(model, job, p_emb, n_emb, scale, rows, noise[rows], cb)
             for k, i in enumerate(idx):
                 out_latents[i] = lat_out[k * per : (k + 1) * per]
     finally:

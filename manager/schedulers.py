@@ -42,7 +42,9 @@ def zimage_scheduler(base_config: dict, sampler: str, shift: float | None):
     return _flow_multistep(UniPCMultistepScheduler)(**common)
 
 
-def sd1_scheduler(base_config: dict, sampler: str, base_scheduler=None):
+def sd1_scheduler(base_scheduler, sampler: str):
+    """The scheduler for ``sampler``, configured like the model's own ``base_scheduler`` (that one itself for
+    ``model_default``)."""
     from diffusers import (
         DDIMScheduler,
         DPMSolverMultistepScheduler,
@@ -52,7 +54,7 @@ def sd1_scheduler(base_config: dict, sampler: str, base_scheduler=None):
     )
 
     check_sampler("sd1", sampler)
-    if sampler == "model_default" and base_scheduler is not None:
+    if sampler == "model_default":
         return base_scheduler
     cls = {
         "euler": EulerDiscreteScheduler,
@@ -60,6 +62,5 @@ def sd1_scheduler(base_config: dict, sampler: str, base_scheduler=None):
         "dpmpp_2m": DPMSolverMultistepScheduler,
         "unipc": UniPCMultistepScheduler,
         "ddim": DDIMScheduler,
-        "model_default": EulerDiscreteScheduler,
     }[sampler]
-    return cls.from_config(base_config)
+    return cls.from_config(base_scheduler.config)

@@ -8,8 +8,11 @@ classes also work (and are tested) without ComfyUI.
 
 from __future__ import annotations
 
+import base64
+import io
 import os
 import sys
+import time
 
 from ..manager.errors import get_logger
 
@@ -18,17 +21,18 @@ logger = get_logger("turbobooth")
 NONE = "(none)"
 
 
-def _folder_paths():
-    try:
-        import folder_paths  # ComfyUI
+def _loaded(module: str):
+    """ComfyUI's ``module`` if ComfyUI is running (it imports folder_paths, comfy.utils and
+    comfy.model_management before any node runs), else None.
 
-        return folder_paths
-    except ImportError:
-        return None
+    Looked up in sys.modules, not imported: this runs on every sampling step,
+    and a failed import outside ComfyUI would rescan sys.path each time.
+    """
+    return sys.modules.get(module)
 
 
 def _ask(method: str, kind: str) -> list[str]:
-    fp = _folder_paths()
+    fp = _loaded("folder_paths")
     try:
         return list(getattr(fp, method)(kind)) if fp is not None else []
     except Exception:  # a folder kind this ComfyUI does not know
@@ -58,8 +62,6 @@ def diffusers_folders() -> list[str]:
     """Folders under ComfyUI's models/diffusers that hold a model_index.json."""
     found = set()
     for root in folder_roots("diffusers"):
-        if not os.path.isdir(root):
-            continue
         for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
             if "model_index.json" in filenames:
                 found.add(os.path.relpath(dirpath, root))
@@ -68,22 +70,8 @@ def diffusers_folders() -> list[str]:
 
 
 def output_directory() -> str:
-    fp = _folder_paths()
-    if fp is not None:
-        return fp.get_output_directory()
-    return os.path.abspath("output")
-
-
-def temp_directory() -> str:
-    fp = _folder_paths()
-    if fp is not None:
-        try:
-            return fp.get_temp_directory()
-        except Exception:
-            pass
-    import tempfile
-
-    return tempfile.gettempdir()
+    fp = _loaded("folder_paths")
+    return fp.get_output_directory() if fp is not None else os.path.abspath("output")
 
 
 def comfy_bundled_tokenizer(family: str) -> str | None:
@@ -96,47 +84,31 @@ def comfy_bundled_tokenizer(family: str) -> str | None:
     paths = list(getattr(comfy, "__path__", None) or [])
     if not paths:
         return None
-    base = paths[0]
-    names = ("text_encoders/qwen25_tokenizer",) if family == "zimage" else ("sd1_tokenizer",)
-    for n in names:
-        p = os.path.join(base, n)
-        if os.path.isdir(p):
-            return p
-    return None
+    p = os.path.join(paths[0], "text_encoders/qwen25_tokenizer" if family == "zimage" else "sd1_tokenizer")
+    return p if os.path.isdir(p) else None
 
 
 def torch_device() -> str:
-    try:
-        import comfy.model_management as mm
-
+    mm = _loaded("comfy.model_management")
+    if mm is not None:
         return str(mm.get_torch_device())
-    except ImportError:
-        import torch
+    import torch
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 # ---------------------------------------------------------------- progress / cancel
 
 
-def _model_management():
-    """ComfyUI's model_management if ComfyUI is running (it imports it before any node runs).
-
-    Looked up in sys.modules, not imported: this runs on every sampling step,
-    and a failed import outside ComfyUI would rescan sys.path each time.
-    """
-    return sys.modules.get("comfy.model_management")
-
-
 def check_interrupt() -> None:
-    mm = _model_management()
+    mm = _loaded("comfy.model_management")
     if mm is not None:
         mm.throw_exception_if_processing_interrupted()
 
 
 def interrupted() -> bool:
-    mm = _model_management()
-    return mm is not None and bool(getattr(mm, "processing_interrupted", lambda: False)())
+    mm = _loaded("comfy.model_management")
+    return mm is not None and bool(mm.processing_interrupted())
 
 
 #: ComfyUI's latent format of each family's latents (current ComfyUI previews Z-Image with Flux's)
@@ -172,44 +144,40 @@ class Progress:
     def __init__(self, total: int, raise_on_interrupt: bool = True):
         self.total = max(int(total), 1)
         self.raise_on_interrupt = raise_on_interrupt
-        self.bar = None
-        try:
-            import comfy.utils
-
-            self.bar = comfy.utils.ProgressBar(self.total)
-        except ImportError:
-            pass
+        utils = _loaded("comfy.utils")
+        self.bar = utils.ProgressBar(self.total) if utils is not None else None
 
     def __call__(self, step: int, total: int, preview=None) -> None:
         if self.raise_on_interrupt:
             check_interrupt()
         if self.bar is None:
             return
-        if total != self.total:
-            self.total = total
-            self.bar.total = total
+        self.total = total  # the bar takes the new total from update_absolute()
         pv = preview
         if preview is not None and not isinstance(preview, tuple):
             pv = ("PNG", preview.convert("RGB") if hasattr(preview, "convert") else preview, 512)
         try:
-            self.bar.update_absolute(min(step, total), total, pv)
+            self.bar.update_absolute(step, total, pv)  # it clamps step to total
         except Exception as e:
             # ComfyUI's progress hook raises (and clears) a pending interrupt. Training must save its state
             # first: put the flag back so should_stop() sees it at the end of this step.
             if self.raise_on_interrupt or type(e).__name__ != "InterruptProcessingException":
                 raise
-            mm = _model_management()
-            if mm is not None:
-                mm.interrupt_current_processing(True)
+            _loaded("comfy.model_management").interrupt_current_processing(True)
 
 
 #: node id -> {"node", "run", "step", "total"} of the DreamBoothTrain runs in progress (GET /turbobooth/active)
 ACTIVE_RUNS: dict[str, dict] = {}
 
 
+def prompt_server():
+    """ComfyUI's running PromptServer, or None outside ComfyUI."""
+    return getattr(getattr(_loaded("server"), "PromptServer", None), "instance", None)
+
+
 def send_event(event: str, data: dict) -> None:
     """A custom websocket event to the client that queued the prompt (no-op outside ComfyUI)."""
-    srv = getattr(getattr(sys.modules.get("server"), "PromptServer", None), "instance", None)
+    srv = prompt_server()
     if srv is None:
         return
     try:
@@ -219,9 +187,6 @@ def send_event(event: str, data: dict) -> None:
 
 
 def _data_url(image, size: int = 256) -> str:
-    import base64
-    import io
-
     im = image.convert("RGB")
     im.thumbnail((size, size))
     buf = io.BytesIO()
@@ -240,8 +205,6 @@ class TrainProgress(Progress):
         self._t0 = self._s0 = None
 
     def run_started(self, folder: str) -> None:
-        import time
-
         self.run_id = os.path.basename(folder)
         self._t0, self._s0 = time.monotonic(), None
         if self.node_id is not None:
@@ -249,8 +212,6 @@ class TrainProgress(Progress):
         self._send({"phase": "start", "step": 0, "total": self.total})
 
     def __call__(self, step: int, total: int, preview=None, info: dict | None = None) -> None:
-        import time
-
         super().__call__(step, total, preview)
         now, info = time.monotonic(), info or {}
         if self._s0 is None:
@@ -283,12 +244,7 @@ def image_to_pils(image) -> list:
     from PIL import Image
 
     arr = (image.detach().cpu().float().clamp(0, 1).numpy() * 255.0).round().astype(np.uint8)
-    out = []
-    for a in arr:
-        if a.shape[-1] == 1:
-            a = a[..., 0]
-        out.append(Image.fromarray(a).convert("RGB"))
-    return out
+    return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).convert("RGB") for a in arr]
 
 
 def pils_to_image(pils):
@@ -308,11 +264,8 @@ _patchers: dict = {}
 
 def make_room(device: str, nbytes: int) -> None:
     """Ask ComfyUI to free ``nbytes`` (plus headroom) on ``device`` before our weights go there."""
-    if not str(device).startswith("cuda"):
-        return
-    try:
-        import comfy.model_management as mm
-    except ImportError:
+    mm = _loaded("comfy.model_management")
+    if mm is None or not str(device).startswith("cuda"):
         return
     import torch
 
@@ -376,21 +329,15 @@ def share_memory(model) -> None:
     memory on the device for it, and when ComfyUI unloads it (the "Free model and node cache" button,
     ``unload_all_models()``, or memory pressure from another model) the TurboModel is released from our cache.
     """
-    try:
-        import comfy.model_management as mm
-    except ImportError:
+    mm = _loaded("comfy.model_management")
+    if mm is None:
         return
     import torch
 
     patcher = _patchers.get(id(model))
     if patcher is None or getattr(patcher, "turbo_model", None) is not model:  # new, or released earlier
-        cls = _patcher_class()
-        device = torch.device(model.device)
-        offload = mm.unet_offload_device() if hasattr(mm, "unet_offload_device") else torch.device("cpu")
-        try:
-            patcher = cls(torch.nn.Module(), load_device=device, offload_device=offload, size=model.nbytes)
-        except TypeError:
-            patcher = cls(torch.nn.Module(), device, offload, model.nbytes)
+        patcher = _patcher_class()(torch.nn.Module(), load_device=torch.device(model.device),
+                                   offload_device=mm.unet_offload_device(), size=model.nbytes)
         patcher.turbo_model = model
         _patchers[id(model)] = patcher
     try:

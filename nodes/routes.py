@@ -56,9 +56,7 @@ def register(routes) -> None:
 
 def register_with_comfyui() -> bool:
     """Register on the running PromptServer; False outside ComfyUI."""
-    import sys
-
-    srv = getattr(getattr(sys.modules.get("server"), "PromptServer", None), "instance", None)
+    srv = host.prompt_server()
     if srv is None:
         return False
     try:

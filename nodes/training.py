@@ -5,16 +5,9 @@ from __future__ import annotations
 import os
 
 from . import comfy as host
+from .routes import training_root
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
-
-
-def _prior_root() -> str:
-    return os.path.join(host.output_directory(), "turbobooth_priors")
-
-
-def _training_root() -> str:
-    return os.path.join(host.output_directory(), "turbobooth_training")
 
 
 class PriorImageGen:
@@ -47,19 +40,27 @@ class PriorImageGen:
 
     def generate(self, model, class_prompt, count, seed, width, height, steps, own_class_images=None):
         from ..manager.cache import ensure_loaded
-        from ..trainer.priors import class_images
+        from ..trainer.priors import PriorCache
 
         if own_class_images is not None:
             return (own_class_images,)
         model = ensure_loaded(model)
         host.share_memory(model)
-        images = class_images(
-            model, class_prompt, int(count), seed=int(seed), width=int(width), height=int(height),
-            steps=int(steps) or None, root=_prior_root(), on_step=host.Progress(int(count)),
-            should_stop=host.interrupted,
-        )
+        cache = PriorCache(model, class_prompt, seed=int(seed), width=int(width), height=int(height),
+                           steps=int(steps) or None, root=os.path.join(host.output_directory(), "turbobooth_priors"))
+        images = cache.load(int(count), on_step=host.Progress(int(count)), should_stop=host.interrupted)
         return (host.pils_to_image(images),)
 
+
+_OPTIONAL_INPUTS = {
+    "class_images": ("IMAGE",),
+    "validation_prompt": ("STRING", {"default": ""}),
+    "validation_every": ("INT", {"default": 0, "min": 0, "max": 100000}),
+    "checkpoint_every": ("INT", {"default": 100, "min": 0, "max": 100000}),
+    "batch_size": ("INT", {"default": 1, "min": 1, "max": 64}),
+    "gradient_checkpointing": ("BOOLEAN", {"default": False}),
+    "mixed_precision": (["no", "auto", "fp16", "bf16"], {"default": "no", "tooltip": "auto: bf16 if the GPU has it."}),
+}
 
 # Real-world training options (trainer.config.TrainConfig checks every value, NaN and Inf included).
 _EXTRA_INPUTS = {
@@ -112,13 +113,7 @@ class DreamBoothTrain:
                 "run_name": ("STRING", {"default": "dreambooth"}),
             },
             "optional": {
-                "class_images": ("IMAGE",),
-                "validation_prompt": ("STRING", {"default": ""}),
-                "validation_every": ("INT", {"default": 0, "min": 0, "max": 100000}),
-                "checkpoint_every": ("INT", {"default": 100, "min": 0, "max": 100000}),
-                "batch_size": ("INT", {"default": 1, "min": 1, "max": 64}),
-                "gradient_checkpointing": ("BOOLEAN", {"default": False}),
-                "mixed_precision": (["no", "auto", "fp16", "bf16"], {"default": "no", "tooltip": "auto: bf16 if the GPU has it."}),
+                **_OPTIONAL_INPUTS,
                 "training_adapter": ([host.NONE] + host.folder_list("loras"), {"default": host.NONE,
                                      "tooltip": "Z-Image-Turbo: a de-distillation LoRA active only while training."}),
                 **_EXTRA_INPUTS,
@@ -157,7 +152,7 @@ def _train(model, config, run_name, instance_images, class_images, progress):
     try:
         with torch.inference_mode(False), torch.enable_grad():
             result = train_in_run_folder(
-                model, config, _training_root(), run_name, host.image_to_pils(instance_images),
+                model, config, training_root(), run_name, host.image_to_pils(instance_images),
                 class_images=host.image_to_pils(class_images) if config.with_prior_preservation else None,
                 on_step=progress, should_stop=host.interrupted, on_run=progress.run_started)
         return result
@@ -171,7 +166,6 @@ def _train_config(model, w: dict):
     from ..trainer.data import caption_lines
 
     prior = w["class_images"] is not None and float(w["prior_loss_weight"]) > 0
-    adapter = w["training_adapter"]
     fields = dict(
         family=model.family, instance_prompt=w["instance_prompt"], class_prompt=w["class_prompt"] or "",
         with_prior_preservation=prior, prior_loss_weight=float(w["prior_loss_weight"]),
@@ -180,8 +174,8 @@ def _train_config(model, w: dict):
         gradient_checkpointing=bool(w["gradient_checkpointing"]), mixed_precision=w["mixed_precision"],
         checkpoint_every=int(w["checkpoint_every"]), validation_every=int(w["validation_every"]),
         validation_prompt=w["validation_prompt"] or "", validation_seed=int(w["seed"]),
-        training_adapter=host.full_path("loras", adapter) if adapter and adapter != host.NONE else None,
-        output_dir=_training_root(), memory=w["memory"], caption_dropout=float(w["caption_dropout"]),
+        training_adapter=host.full_path("loras", w["training_adapter"]),
+        output_dir=training_root(), memory=w["memory"], caption_dropout=float(w["caption_dropout"]),
         dop_weight=float(w["dop_weight"]), dop_class=(w["dop_class"] or "").strip(), ema_decay=float(w["ema_decay"]),
         captions=caption_lines(w["captions"] or ""), cache_to_disk=bool(w["cache_to_disk"]),
     )
@@ -234,10 +228,7 @@ class CheckpointSave:
 
 
 def _first_root(kind: str) -> str:
-    roots = host.folder_roots(kind)
-    if roots:
-        return roots[0]
-    return os.path.join(host.output_directory(), kind)
+    return (host.folder_roots(kind) or [os.path.join(host.output_directory(), kind)])[0]
 
 
 TRAINING_NODES = {

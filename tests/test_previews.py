@@ -121,7 +121,7 @@ def test_no_listener_means_no_callback_and_progress_alone_means_no_latent_work(z
     run_pipeline = sampling._run_pipeline
 
     def spy(*args):
-        callbacks.append(args[10])  # the callback_on_step_end handed to diffusers
+        callbacks.append(args[-1])  # the callback_on_step_end handed to diffusers
         return run_pipeline(*args)
 
     class Counting(previews.StepLatents):

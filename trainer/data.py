@@ -71,8 +71,7 @@ def _from_folder(folder: str) -> list[tuple[Any, str, str | None]]:
             continue
         try:
             with Image.open(path) as im:
-                im.load()
-                img = im.copy()
+                img = im.copy()  # copy() loads the pixels before the file closes
         except Exception as e:  # PIL raises many types for broken files
             logger.warning("skipping unreadable image %s: %s", path, e)
             continue

@@ -14,12 +14,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .adapters import ADAPTER, TRAINING_ADAPTER
 from .config import TrainConfig
-from .objective import Batch, TrainData, _encode_latents, _encode_prompt, _Objective, assemble_batch, data_index
-from .plot import loss_plot
+from .objective import _encode_latents, _encode_prompt, _Objective  # noqa: F401  (reached through this module)
 from .run import Run, TrainResult
-from .state import STATE_FILE, check_output_dir, list_checkpoints, resolve_resume
 
 
 def train(model, config: TrainConfig, instance_images, class_images=None, on_step: Callable | None = None,
@@ -44,9 +41,3 @@ def train(model, config: TrainConfig, instance_images, class_images=None, on_ste
         finally:
             run.close()
 
-
-__all__ = [
-    "ADAPTER", "STATE_FILE", "TRAINING_ADAPTER", "Batch", "Run", "TrainData", "TrainResult", "_Objective",
-    "_encode_latents", "_encode_prompt", "assemble_batch", "check_output_dir", "data_index", "list_checkpoints",
-    "loss_plot", "resolve_resume", "train",
-]

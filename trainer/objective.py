@@ -26,17 +26,12 @@ def _position_generator(seed: int, position: int, salt: int = 0):
     return g
 
 
-def _epoch_order(seed: int, epoch: int, n: int, salt: int) -> list[int]:
-    import torch
-
-    g = _position_generator(seed, epoch, salt)
-    return torch.randperm(n, generator=g).tolist()
-
-
 def data_index(seed: int, position: int, n: int, salt: int = 0) -> int:
     """Which of ``n`` items sits at ``position`` of the endless, epoch-shuffled stream."""
+    import torch
+
     epoch, offset = divmod(int(position), n)
-    return _epoch_order(seed, epoch, n, 11 + salt)[offset]
+    return int(torch.randperm(n, generator=_position_generator(seed, epoch, 11 + salt))[offset])
 
 
 def _check_stop(should_stop: Callable[[], bool] | None, what: str) -> None:
@@ -86,12 +81,11 @@ def _encode_prompt(pipe, family: str, prompt: str, device):
 
     with torch.no_grad():
         if family == "zimage":
-            max_len = defaults_for("zimage").max_sequence_length
-            embeds, _ = pipe.encode_prompt([prompt], device, do_classifier_free_guidance=False,
-                                           max_sequence_length=max_len)
-            return embeds[0].float().cpu()
-        emb, _ = pipe.encode_prompt(prompt, device, 1, False)
-        return emb[0].float().cpu()
+            emb, _ = pipe.encode_prompt([prompt], device, do_classifier_free_guidance=False,
+                                        max_sequence_length=defaults_for("zimage").max_sequence_length)
+        else:
+            emb, _ = pipe.encode_prompt(prompt, device, 1, False)
+    return emb[0].float().cpu()
 
 
 def _token_ids(pipe, prompt: str):
@@ -338,17 +332,11 @@ class _Objective:
             model_t = (1000.0 - timesteps) / 1000.0
             inputs = list(noisy.to(dtype).unsqueeze(2).unbind(0))
             out = denoiser(inputs, model_t, cond, return_dict=False)[0]
-            pred = -torch.stack([o.float() for o in out]).squeeze(2)
-            target = noise - x0
-            return pred, target
+            return -torch.stack([o.float() for o in out]).squeeze(2), noise - x0
         t = idx.to(device)
         noisy = self.scheduler.add_noise(x0, noise, t)
         pred = denoiser(noisy.to(dtype), t, cond.to(dtype), return_dict=False)[0].float()
-        if self.prediction_type == "v_prediction":
-            target = self.scheduler.get_velocity(x0, noise, t)
-        else:
-            target = noise
-        return pred, target
+        return pred, self.scheduler.get_velocity(x0, noise, t) if self.prediction_type == "v_prediction" else noise
 
     def loss(self, denoiser, batch: Batch, cond, device, dtype, prior_loss_weight: float | None, dop=None):
         """Mean squared error of the instance elements, plus the weighted prior term when it is on.

@@ -28,6 +28,7 @@ from contextlib import suppress
 from pathlib import Path
 
 from ..manager.errors import Interrupted, InvalidInputError, get_logger
+from ..manager.inputs import check_size
 from ..manager.paths import atomic_file
 
 logger = get_logger(__name__)
@@ -36,20 +37,6 @@ CACHE_VERSION = 2
 CHUNK = 4  # images rendered per batch; fixed, so each image always comes from the same batch
 NAME = re.compile(r"^(\d{5})-([0-9a-f]{16})\.png$")
 SEED_SPACE = 2**64
-
-
-def seed_runs(first: int, count: int) -> list[tuple[int, int]]:
-    """``(seed, n)`` runs covering seeds ``first, first+1, ... (mod 2**64)``: one run, or two at the wrap."""
-    first %= SEED_SPACE
-    head = min(count, SEED_SPACE - first)
-    return [(first, head)] + ([(0, count - head)] if count > head else [])
-
-
-def default_prior_root() -> str:
-    root = os.environ.get("TURBOBOOTH_CACHE")
-    if not root:
-        root = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "turbobooth")
-    return os.path.join(root, "priors")
 
 
 def _tensor_to_pil(t):
@@ -61,10 +48,10 @@ def _tensor_to_pil(t):
 
 
 class PriorCache:
-    """Class images of one (model, prompt, seed, steps, size, guidance) on disk."""
+    """Class images of one (model, prompt, seed, steps, size, guidance) on disk, in a folder under ``root``."""
 
-    def __init__(self, model, class_prompt: str, seed: int = 0, width: int | None = None, height: int | None = None,
-                 steps: int | None = None, guidance: float | None = None, root: str | None = None):
+    def __init__(self, model, class_prompt: str, root: str, seed: int = 0, width: int | None = None,
+                 height: int | None = None, steps: int | None = None, guidance: float | None = None):
         if not isinstance(class_prompt, str) or not class_prompt.strip():
             raise InvalidInputError("class prompt is empty; give the class, e.g. 'a photo of a dog'")
         d = model.defaults  # the variant's sampling settings: Turbo 8 steps at guidance 0, Base 50 at 5
@@ -77,9 +64,7 @@ class PriorCache:
         self.height = int(height or d.default_size)
         self.steps = int(steps if steps is not None else d.steps)
         self.guidance = float(guidance if guidance is not None else d.guidance)
-        for name, v in (("width", self.width), ("height", self.height)):
-            if v <= 0 or v % d.size_multiple:
-                raise InvalidInputError(f"class image {name}={v} must be a positive multiple of {d.size_multiple}")
+        check_size(model.family, self.width, self.height)
         if self.steps < 1:
             raise InvalidInputError(f"class image steps={self.steps} must be >= 1")
         # everything that determines the images; its sha256 names the folder
@@ -95,7 +80,7 @@ class PriorCache:
             "guidance": self.guidance,
         }
         self.key = hashlib.sha256(json.dumps(self.settings, sort_keys=True).encode("utf-8")).hexdigest()
-        self.root = os.path.abspath(root or default_prior_root())
+        self.root = os.path.abspath(root)
         self.folder = os.path.join(self.root, self.key[:32])
 
     # -- what is on disk ----------------------------------------------------------------
@@ -148,26 +133,23 @@ class PriorCache:
     def generate_chunk(self, chunk: int) -> list:
         """Images ``chunk*CHUNK .. chunk*CHUNK+CHUNK-1`` (image i: seed ``(seed + i) mod 2**64``) as PIL images.
 
-        One batched call (two where the seeds wrap past 2**64 - 1); it does not touch the global RNG.
+        One batched call (``generate`` wraps the seeds past 2**64 - 1); it does not touch the global RNG.
         """
         import torch
 
         from ..manager import sampling
 
-        images = []
         with torch.random.fork_rng(devices=[]):
-            for seed, n in seed_runs(self.seed + chunk * CHUNK, CHUNK):
-                result = sampling.generate(
-                    self.model,
-                    [self.class_prompt] * n,
-                    seed=seed,
-                    steps=self.steps,
-                    width=self.width,
-                    height=self.height,
-                    guidance=sampling.Guidance(negative_prompts=("",), scales=(self.guidance,)),
-                )
-                images += [_tensor_to_pil(img) for img in result.images]
-        return images
+            result = sampling.generate(
+                self.model,
+                [self.class_prompt] * CHUNK,
+                seed=(self.seed + chunk * CHUNK) % SEED_SPACE,
+                steps=self.steps,
+                width=self.width,
+                height=self.height,
+                guidance=sampling.Guidance(negative_prompts=("",), scales=(self.guidance,)),
+            )
+        return [_tensor_to_pil(img) for img in result.images]
 
     def ensure(self, count: int, on_step: Callable | None = None,
                should_stop: Callable[[], bool] | None = None) -> list[str]:
@@ -206,13 +188,3 @@ class PriorCache:
             with Image.open(path) as im:
                 images.append(im.convert("RGB"))
         return images
-
-
-def class_images(model, class_prompt: str, count: int, seed: int = 0, width: int | None = None,
-                 height: int | None = None, steps: int | None = None, guidance: float | None = None,
-                 root: str | None = None, on_step: Callable | None = None,
-                 should_stop: Callable[[], bool] | None = None) -> list:
-    """Cached class-prior images as PIL images (generating the missing ones). Entry point for the node."""
-    cache = PriorCache(model, class_prompt, seed=seed, width=width, height=height, steps=steps, guidance=guidance,
-                       root=root)
-    return cache.load(count, on_step=on_step, should_stop=should_stop)
