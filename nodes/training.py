@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from ..trainer.config import MEMORY_CHOICES
 from . import comfy as host
 from .routes import training_root
 
@@ -64,9 +65,10 @@ _OPTIONAL_INPUTS = {
 
 # Real-world training options (trainer.config.TrainConfig checks every value, NaN and Inf included).
 _EXTRA_INPUTS = {
-    "memory": (["auto", "none", "fast", "bf16_checkpointed", "fp8_checkpointed"], {"default": "auto", "tooltip":
+    "memory": (list(MEMORY_CHOICES), {"default": "auto", "tooltip":
                "auto: the fastest plan that fits the GPU's free memory. fp8_checkpointed (12-16 GB) needs the model "
-               "loaded with dtype fp8_e4m3fn; bf16_checkpointed fits 24 GB."}),
+               "loaded with dtype fp8_e4m3fn; bf16_checkpointed fits 24 GB; bf16_offloaded (8 GB, slower) keeps "
+               "the transformer blocks in RAM."}),
     "caption_dropout": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.95, "step": 0.05,
                                   "tooltip": "Share of steps that train an image with an empty prompt."}),
     "dop_weight": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 10.0, "step": 0.05, "tooltip":
