@@ -1256,6 +1256,9 @@ def bench_memory_options(args, examples: str, inputs: dict, work: str, report_to
             if side in state.get("errors", {}):
                 emit(f"{MEMORY_TAG}_{side}", f"skipped ({state['errors'][side]})")
             continue
+        if len(recs) < len(runs[side]):
+            emit(f"{MEMORY_TAG}_{side}_failed_rounds",
+                 f"{len(runs[side]) - len(recs)} of {len(runs[side])} ({state.get('errors', {}).get(side)})")
         emit_memory_checks(side, recs[0])
         for key in ("step_s", "step_cpu_s", "to_first_step_s", "peak_rss_mib"):
             emit(f"{MEMORY_TAG}_{key}_{side}", statistics.median(x[key] for x in recs))
