@@ -29,7 +29,7 @@ def test_estimates_are_ordered_and_grow_with_resolution(real):
     for plan in M.PLANS.values():
         assert M.estimate(plan, real, 512, 1)["total"] < M.estimate(plan, real, 1024, 1)["total"]
     light = M.estimate(M.PLANS["fp8_checkpointed"], real, 1024, 1)
-    # 8-bit weights, plus the bf16 copy of the one block that layerwise casting keeps for backward
+    # 8-bit weights, plus the bf16 copy of the one block that the per-layer cast keeps for backward
     assert light["weights"] == real.denoiser_params + 2 * real.denoiser_params // real.blocks and light["encoders"] == 0
     assert M.estimate(M.PLANS["bf16_checkpointed"], real, 1024, 1)["weights"] == 2 * real.denoiser_params
 

@@ -714,7 +714,7 @@ def test_ema_with_the_text_encoder_trained_resumes_exactly_and_removes_its_hooks
 
 
 def test_lora_on_an_8_bit_base_lowers_the_loss_and_loads_in_diffusers(tmp_path):
-    """The frozen base stored in fp8 (diffusers' layerwise casting, upcast per layer) trains a full-precision
+    """The frozen base stored in fp8 (cast to the compute dtype per layer as it runs) trains a full-precision
     LoRA through backward; the base's 8-bit weights stay as they were."""
     from turbobooth.manager.loading import load_model
     from turbobooth.manager.tiny import write_tiny_models

@@ -2,7 +2,7 @@
 
 A plan is a set of options, each of which can also be set alone in TrainConfig:
 
-* ``quantize_base``: the frozen denoiser stored in 8 bits (fp8) with bf16 compute, diffusers' layerwise casting.
+* ``quantize_base``: the frozen denoiser stored in 8 bits (fp8) with bf16 compute, each layer cast as it runs (manager.loading.store_weights).
   It comes from TurboLoader (dtype ``fp8_e4m3fn``): the cached base is shared and never quantized behind
   the user's back, so a plan that needs it asks for that load instead;
 * ``gradient_checkpointing``: each block's activations are recomputed in backward instead of kept;
@@ -120,7 +120,7 @@ def estimate(plan: Plan, shape: Shape, resolution: int, batch: int) -> dict:
         activations = block_tokens * per_token
     activations += (image + caption) * BACKWARD_DIM * shape.dim * 2
     weights = resident_params(plan, shape) * (1 if plan.quantize_base else 2)
-    if plan.quantize_base:  # layerwise casting keeps each running block's bf16 copy for backward
+    if plan.quantize_base:  # the per-layer cast keeps the running block's bf16 copy for backward
         weights += 2 * shape.denoiser_params // (shape.blocks if plan.gradient_checkpointing else 1)
     parts = {
         "weights": weights,
