@@ -65,24 +65,23 @@ def classify_keys(keys: Iterable[str]) -> str | None:
         "all_x_embedder.2-1.weight" in bare
     ):
         return "zimage_transformer"
-    if any(k.startswith("double_blocks.") or k.startswith("transformer_blocks.0.attn.add_q_proj") for k in bare):
+    if any(k.startswith(("double_blocks.", "transformer_blocks.0.attn.add_q_proj")) for k in bare):
         return "flux_transformer"
     if "input_blocks.0.0.weight" in bare:
         return "ldm_unet"
     if "conv_in.weight" in keys and any(k.startswith("down_blocks.") for k in keys):
         return "diffusers_unet"
-    if any(k.startswith("encoder.down.") or k.startswith("encoder.down_blocks.") for k in keys) and any(
-        k.startswith("decoder.") for k in keys
-    ):
+    encoder = any(k.startswith(("encoder.down.", "encoder.down_blocks.")) for k in keys)
+    if encoder and any(k.startswith("decoder.") for k in keys):
         return "vae"
-    if any(k.startswith("first_stage_model.encoder.") for k in keys):
+    if any(k.startswith(SD1_VAE_PREFIX + "encoder.") for k in keys):
         return "vae"
     llm = [k for k in keys if re.match(r"^(model\.)?layers\.\d+\.self_attn\.", k)]
     if llm:
         return "qwen3_text_encoder" if any(k.endswith("self_attn.q_norm.weight") for k in llm) else "llm_text_encoder"
     if any("text_model.encoder.layers." in k or k.startswith("encoder.layers.0.self_attn.k_proj") for k in keys):
         return "clip_text_encoder"
-    if any(k.startswith("encoder.block.") or k.startswith("shared.") for k in keys):
+    if any(k.startswith(("encoder.block.", "shared.")) for k in keys):
         return "t5_text_encoder"
     return None
 

@@ -166,13 +166,10 @@ def metadata(model, config, step: int) -> dict:
 def finetuned_pipeline(pipe, unet, text_encoder=None):
     from diffusers import StableDiffusionPipeline
 
-    components = dict(pipe.components)
-    components["unet"] = unet
+    parts = {**pipe.components, "unet": unet}
     if text_encoder is not None:
-        components["text_encoder"] = text_encoder
-    components.setdefault("safety_checker", None)
-    components.setdefault("feature_extractor", None)
-    new = StableDiffusionPipeline(**components, requires_safety_checker=False)
+        parts["text_encoder"] = text_encoder
+    new = StableDiffusionPipeline(**parts, requires_safety_checker=False)
     new.set_progress_bar_config(disable=True)
     return new
 

@@ -12,12 +12,13 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from ..manager.errors import InvalidInputError, check_choices
 from ..manager.families import FAMILIES
+from ..manager.paths import atomic_file
 
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")  # auto: bf16 where the device has it, else fp32
 LR_SCHEDULERS = ("constant", "cosine", "linear")
@@ -53,10 +54,9 @@ _NON_TRAJECTORY = frozenset(
 
 
 SEED_MAX = 2**64 - 1
-
-
-def _err(msg: str) -> InvalidInputError:
-    return InvalidInputError(msg)
+_CHOICES = {"family": tuple(FAMILIES), "mixed_precision": MIXED_PRECISION, "lr_scheduler": LR_SCHEDULERS,
+            "train_mode": TRAIN_MODES, "optimizer": OPTIMIZERS, "timestep_sampling": TIMESTEP_SAMPLING,
+            "memory": MEMORY_CHOICES}
 
 
 @dataclass(frozen=True)
@@ -130,14 +130,12 @@ class TrainConfig:
     class_data_dir: str | None = None
 
     def __post_init__(self) -> None:
-        if self.family not in FAMILIES:
-            raise _err(f"family={self.family!r} is not supported; allowed: {', '.join(FAMILIES)}")
+        check_choices(**{name: (getattr(self, name), allowed) for name, allowed in _CHOICES.items()})
         for name in ("lora_targets", "captions"):
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
-        _check_numbers(self)
-        _check_choices(self)
-        _check_offload(self)
+        _check_types(self)
+        _check_rules(self)
 
     # -- derived values -------------------------------------------------------------------
 
@@ -179,7 +177,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
         if not isinstance(data, dict):
-            raise _err(f"a training config must be a mapping of settings, got {type(data).__name__}")
+            raise InvalidInputError(f"a training config must be a mapping of settings, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -189,7 +187,7 @@ class TrainConfig:
             for key in unknown:
                 close = difflib.get_close_matches(key, known, n=1)
                 hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-            raise _err(f"unknown training setting(s): {', '.join(hints)}")
+            raise InvalidInputError(f"unknown training setting(s): {', '.join(hints)}")
         return cls(**data)
 
     def to_json(self) -> str:
@@ -200,7 +198,7 @@ class TrainConfig:
         try:
             data = json.loads(text)
         except ValueError as e:
-            raise _err(f"the training config is not valid JSON: {e}") from e
+            raise InvalidInputError(f"the training config is not valid JSON: {e}") from e
         return cls.from_dict(data)
 
     def to_yaml(self) -> str:
@@ -215,158 +213,122 @@ class TrainConfig:
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            raise _err(f"the training config is not valid YAML: {e}") from e
+            raise InvalidInputError(f"the training config is not valid YAML: {e}") from e
         return cls.from_dict(data or {})
 
     @classmethod
     def load(cls, path: str) -> TrainConfig:
         """Read a ``.yaml``/``.yml`` or ``.json`` config file."""
         try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
+            text = Path(path).read_text(encoding="utf-8")
         except OSError as e:
-            raise _err(f"cannot read the training config {path!r}: {e}") from e
-        if path.lower().endswith(".json"):
-            return cls.from_json(text)
-        return cls.from_yaml(text)
+            raise InvalidInputError(f"cannot read the training config {path!r}: {e}") from e
+        return cls.from_json(text) if path.lower().endswith(".json") else cls.from_yaml(text)
 
     def save(self, path: str) -> str:
         text = self.to_json() if path.lower().endswith(".json") else self.to_yaml()
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-        return path
+        return atomic_file(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
-def _int(cfg: TrainConfig, name: str, minimum: int, maximum: int | None = None) -> None:
-    value = getattr(cfg, name)
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise _err(f"{name}={value!r} must be an integer >= {minimum}")
-    if maximum is not None and value > maximum:
-        raise _err(f"{name}={value!r} must be an integer from {minimum} to {maximum}")
+def _text(value) -> bool:
+    return isinstance(value, str) and bool(value.strip())
 
 
-def _finite_floats(cfg: TrainConfig) -> None:
-    """Every float setting (``float`` or ``float | None``) must be a finite number: NaN and Inf are refused."""
-    for f in fields(cfg):
-        value = getattr(cfg, f.name)
-        if "float" not in str(f.type) or value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _err(f"{f.name}={value!r} must be a number")
-        if not math.isfinite(value):
-            raise _err(f"{f.name}={value!r} must be a finite number (not NaN or infinity)")
+# Integer settings whose range is not ">= 1": (lowest, highest or None, what the values mean).
+_INT_RANGES = {
+    "lr_warmup_steps": (0, None, ""),
+    "checkpoint_every": (0, None, ""),
+    "validation_every": (0, None, ""),
+    "seed": (0, SEED_MAX, ""),
+    "validation_seed": (0, SEED_MAX, ""),
+    "offload_blocks": (0, None, ": 0 = off, N = transformer blocks kept on the GPU at a time while the other "
+                       "blocks' frozen weights wait on the CPU (1 = the least memory)"),
+}
+# (settings, the rule a value must pass, what the message says is allowed); None passes where the type allows it.
+_RULES = (
+    (("lr", "prior_loss_weight", "adam_epsilon", "max_grad_norm", "timestep_shift"), lambda v: v > 0,
+     "must be a number > 0"),
+    (("text_encoder_lr",), lambda v: v > 0, "must be a number > 0 or None (= lr)"),
+    (("alpha",), lambda v: v > 0, "must be a number > 0 or None (= rank)"),
+    (("adam_beta1", "adam_beta2"), lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    (("adam_weight_decay", "min_free_disk_gb", "dop_weight"), lambda v: v >= 0, "must be >= 0"),
+    (("ema_decay",), lambda v: 0 <= v < 1, "must be inside (0, 1), e.g. 0.999, or 0 for no EMA"),
+    (("caption_dropout",), lambda v: 0 <= v < 1, "must be in [0, 1) (0 = off)"),
+    (("trigger",), lambda v: isinstance(v, str) and v == v.strip(),
+     "must be one word without surrounding spaces, e.g. 'sks'"),
+    (("captions",), lambda v: isinstance(v, tuple) and all(isinstance(c, str) and "\n" not in c for c in v),
+     "must be a list of one-line strings, one per instance image"),
+    (("cache_to_disk",), lambda v: isinstance(v, bool), "must be true or false"),
+    (("instance_prompt",), _text, "must be a non-empty prompt containing the unique token, e.g. 'a photo of sks dog'"),
+    (("resume",), _text, "must be None, 'latest' or a checkpoint folder"),
+    (("output_dir",), _text, "must be a folder path"),
+)
+# (refused when, message): settings that do not fit together; {c.<name>} is a setting, {label} the family's name.
+_COMBINATIONS = (
+    (lambda c: c.timestep_sampling != "uniform" and c.family != "zimage",
+     "timestep_sampling={c.timestep_sampling!r} is for Z-Image's flow matching; SD1.x samples its DDPM timesteps "
+     "uniformly (leave it 'uniform')"),
+    (lambda c: c.dop_weight and not _text(c.dop_class),
+     "dop_weight > 0 needs dop_class, the class word that replaces the trigger (e.g. 'dog')"),
+    (lambda c: c.dop_weight and c.train_mode != "lora",
+     "differential output preservation compares the model with and without the LoRA; it needs train_mode='lora'"),
+    (lambda c: c.train_mode == "full" and c.family != "sd1",
+     "train_mode='full' is only supported for Stable Diffusion 1.x, not {label}; use train_mode='lora'"),
+    (lambda c: c.train_text_encoder and c.family != "sd1",
+     "train_text_encoder=True is only supported for Stable Diffusion 1.x; set it to False"),
+    (lambda c: c.training_adapter and c.family != "zimage",
+     "training_adapter is a Z-Image de-distillation LoRA; leave it empty for Stable Diffusion 1.x"),
+    (lambda c: c.training_adapter and c.train_mode != "lora", "training_adapter needs train_mode='lora'"),
+    (lambda c: c.with_prior_preservation and not _text(c.class_prompt),
+     "class_prompt is empty but with_prior_preservation=True; give the class, e.g. 'a photo of a dog', or turn "
+     "prior preservation off"),
+    (lambda c: c.validation_every and not _text(c.validation_prompt), "validation_every > 0 needs a validation_prompt"),
+    (lambda c: c.offload_blocks and c.family != "zimage",
+     "offload_blocks={c.offload_blocks} offloads Z-Image's transformer blocks; {label} trains without it: set "
+     "offload_blocks=0"),
+)
 
 
-def _check_numbers(cfg: TrainConfig) -> None:  # noqa: C901 - a flat list of checks reads best
-    """Integers in range, finite positive floats, a resolution that fits the family."""
+def _check_types(cfg: TrainConfig) -> None:
+    """From each field's type: integers in range, floats finite numbers (NaN and Inf are refused)."""
     step = FAMILIES[cfg.family].size_multiple
-    _int(cfg, "steps", 1)
-    _int(cfg, "rank", 1)
-    _int(cfg, "batch_size", 1)
-    _int(cfg, "gradient_accumulation_steps", 1)
-    _int(cfg, "num_class_images", 1)
-    _int(cfg, "lr_warmup_steps", 0)
-    _int(cfg, "checkpoint_every", 0)
-    _int(cfg, "keep_last", 1)
-    _int(cfg, "validation_every", 0)
-    _int(cfg, "seed", 0, SEED_MAX)
-    _int(cfg, "validation_seed", 0, SEED_MAX)
-    _finite_floats(cfg)
-    _int(cfg, "resolution", step)
+    for f in fields(cfg):
+        value, kind = getattr(cfg, f.name), str(f.type)
+        if value is None and kind.endswith("| None"):
+            continue
+        if kind.startswith("int"):
+            low, high, means = (step, None, "") if f.name == "resolution" else _INT_RANGES.get(f.name, (1, None, ""))
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise InvalidInputError(f"{f.name}={value!r} must be an integer >= {low}{means}")
+            if high is not None and value > high:
+                raise InvalidInputError(f"{f.name}={value!r} must be an integer from {low} to {high}")
+        elif kind.startswith("float"):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise InvalidInputError(f"{f.name}={value!r} must be a number")
+            if not math.isfinite(value):
+                raise InvalidInputError(f"{f.name}={value!r} must be a finite number (not NaN or infinity)")
     if cfg.resolution % step:
-        raise _err(
+        raise InvalidInputError(
             f"resolution={cfg.resolution} must be a multiple of {step} for {FAMILIES[cfg.family].label}; "
             f"try {max(step, cfg.resolution // step * step)}"
         )
-    for name in ("lr", "prior_loss_weight", "adam_epsilon", "max_grad_norm"):
-        value = getattr(cfg, name)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-            raise _err(f"{name}={value!r} must be a number > 0")
-    if cfg.text_encoder_lr is not None and not (isinstance(cfg.text_encoder_lr, (int, float)) and cfg.text_encoder_lr > 0):
-        raise _err(f"text_encoder_lr={cfg.text_encoder_lr!r} must be a number > 0 or None (= lr)")
-    if cfg.alpha is not None and not (isinstance(cfg.alpha, (int, float)) and cfg.alpha > 0):
-        raise _err(f"alpha={cfg.alpha!r} must be a number > 0 or None (= rank)")
-    for name in ("adam_beta1", "adam_beta2"):
-        value = getattr(cfg, name)
-        if not isinstance(value, (int, float)) or not 0 <= value < 1:
-            raise _err(f"{name}={value!r} must be in [0, 1)")
-    if not isinstance(cfg.adam_weight_decay, (int, float)) or cfg.adam_weight_decay < 0:
-        raise _err(f"adam_weight_decay={cfg.adam_weight_decay!r} must be >= 0")
-    if cfg.min_free_disk_gb < 0:
-        raise _err(f"min_free_disk_gb={cfg.min_free_disk_gb!r} must be >= 0")
-    _int(cfg, "dop_every", 1)
-    if cfg.dop_weight < 0 or cfg.timestep_shift <= 0:
-        raise _err(f"dop_weight={cfg.dop_weight!r} must be >= 0 and timestep_shift={cfg.timestep_shift!r} > 0")
-    if cfg.ema_decay and not 0 < cfg.ema_decay < 1:
-        raise _err(f"ema_decay={cfg.ema_decay!r} must be inside (0, 1), e.g. 0.999, or 0 for no EMA")
-    if not 0 <= cfg.caption_dropout < 1:
-        raise _err(f"caption_dropout={cfg.caption_dropout!r} must be in [0, 1) (0 = off)")
-    if not isinstance(cfg.trigger, str) or cfg.trigger != cfg.trigger.strip():
-        raise _err(f"trigger={cfg.trigger!r} must be one word without surrounding spaces, e.g. 'sks'")
-    if not isinstance(cfg.captions, tuple) or not all(isinstance(c, str) and "\n" not in c for c in cfg.captions):
-        raise _err(f"captions={cfg.captions!r} must be a list of one-line strings, one per instance image")
-    if not isinstance(cfg.cache_to_disk, bool):
-        raise _err(f"cache_to_disk={cfg.cache_to_disk!r} must be true or false")
 
 
-def _check_choices(cfg: TrainConfig) -> None:  # noqa: C901 - a flat list of checks reads best
-    """Allowed names, combinations that make sense, prompts and paths."""
-    check_choices(mixed_precision=(cfg.mixed_precision, MIXED_PRECISION), lr_scheduler=(cfg.lr_scheduler, LR_SCHEDULERS),
-                  train_mode=(cfg.train_mode, TRAIN_MODES), optimizer=(cfg.optimizer, OPTIMIZERS),
-                  timestep_sampling=(cfg.timestep_sampling, TIMESTEP_SAMPLING), memory=(cfg.memory, MEMORY_CHOICES))
-    if cfg.timestep_sampling != "uniform" and cfg.family != "zimage":
-        raise _err(f"timestep_sampling={cfg.timestep_sampling!r} is for Z-Image's flow matching; SD1.x samples "
-                   "its DDPM timesteps uniformly (leave it 'uniform')")
-    if cfg.dop_weight and (not isinstance(cfg.dop_class, str) or not cfg.dop_class.strip()):
-        raise _err("dop_weight > 0 needs dop_class, the class word that replaces the trigger (e.g. 'dog')")
-    if cfg.dop_weight and cfg.train_mode != "lora":
-        raise _err("differential output preservation compares the model with and without the LoRA; "
-                   "it needs train_mode='lora'")
-    if cfg.train_mode == "full" and cfg.family != "sd1":
-        raise _err(
-            f"train_mode='full' is only supported for Stable Diffusion 1.x, not {FAMILIES[cfg.family].label}; "
-            "use train_mode='lora'"
-        )
-    if cfg.train_text_encoder and cfg.family != "sd1":
-        raise _err("train_text_encoder=True is only supported for Stable Diffusion 1.x; set it to False")
-    if cfg.training_adapter and cfg.family != "zimage":
-        raise _err("training_adapter is a Z-Image de-distillation LoRA; leave it empty for Stable Diffusion 1.x")
-    if cfg.training_adapter and cfg.train_mode != "lora":
-        raise _err("training_adapter needs train_mode='lora'")
+def _check_rules(cfg: TrainConfig) -> None:
+    optional = {f.name for f in fields(cfg) if str(f.type).endswith("| None")}
+    for names, allowed, text in _RULES:
+        for name in names:
+            value = getattr(cfg, name)
+            if not (value is None and name in optional) and not allowed(value):
+                raise InvalidInputError(f"{name}={value!r} {text}")
+    for refused, message in _COMBINATIONS:
+        if refused(cfg):
+            raise InvalidInputError(message.format(c=cfg, label=FAMILIES[cfg.family].label))
     if cfg.optimizer == "adamw8bit":
         try:
             import bitsandbytes  # noqa: F401
         except ImportError as e:
-            raise _err(
+            raise InvalidInputError(
                 "optimizer='adamw8bit' needs the bitsandbytes package, which is not installed; "
                 "install it (pip install bitsandbytes) or use optimizer='adamw'"
             ) from e
-    if not isinstance(cfg.instance_prompt, str) or not cfg.instance_prompt.strip():
-        raise _err("instance_prompt must be a non-empty prompt containing the unique token, e.g. 'a photo of sks dog'")
-    if cfg.with_prior_preservation and (not isinstance(cfg.class_prompt, str) or not cfg.class_prompt.strip()):
-        raise _err(
-            "class_prompt is empty but with_prior_preservation=True; give the class, e.g. 'a photo of a dog', "
-            "or turn prior preservation off"
-        )
-    if cfg.class_steps is not None:
-        _int(cfg, "class_steps", 1)
-    if cfg.validation_steps is not None:
-        _int(cfg, "validation_steps", 1)
-    if cfg.resume is not None and (not isinstance(cfg.resume, str) or not cfg.resume.strip()):
-        raise _err(f"resume={cfg.resume!r} must be None, 'latest' or a checkpoint folder")
-    if not isinstance(cfg.output_dir, str) or not cfg.output_dir.strip():
-        raise _err(f"output_dir={cfg.output_dir!r} must be a folder path")
-    if cfg.validation_every and not cfg.validation_prompt.strip():
-        raise _err("validation_every > 0 needs a validation_prompt")
-
-
-def _check_offload(cfg: TrainConfig) -> None:
-    value = cfg.offload_blocks
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise _err(f"offload_blocks={value!r} must be an integer >= 0: 0 = off, N = transformer blocks kept on the "
-                   "GPU at a time while the other blocks' frozen weights wait on the CPU (1 = the least memory)")
-    if value and cfg.family != "zimage":
-        raise _err(f"offload_blocks={value} offloads Z-Image's transformer blocks; {FAMILIES[cfg.family].label} "
-                   "trains without it: set offload_blocks=0")

@@ -28,7 +28,6 @@ PyTorch hooks:
 
 from __future__ import annotations
 
-import functools
 from collections import Counter
 from typing import NamedTuple
 
@@ -138,7 +137,7 @@ class BlockOffload:
     def _hook(self, denoiser, groups, optimizer) -> None:
         for i, blocks in enumerate(groups):
             for block in blocks:
-                self.handles.append(block.register_forward_pre_hook(functools.partial(self._before_block, i)))
+                self.handles.append(block.register_forward_pre_hook(lambda module, args, i=i: self._load(i)))
         self.handles.append(denoiser.register_forward_pre_hook(self._enter))
         self.handles.append(denoiser.register_forward_hook(self._leave, always_call=True))
         if optimizer is not None:  # accelerate's AcceleratedOptimizer wraps the torch optimizer
@@ -161,9 +160,6 @@ class BlockOffload:
         if index is not None:
             for p, host, _ in self.host[index]:
                 _park(p, host)
-
-    def _before_block(self, index: int, module, args) -> None:
-        self._load(index)
 
     # -- the denoiser call and saved tensors ----------------------------------------------
 

@@ -107,14 +107,13 @@ def check_output_dir(path: str, min_free_gb: float, create: bool = True) -> str:
     while not os.path.exists(existing) and os.path.dirname(existing) != existing:
         existing = os.path.dirname(existing)
     try:
-        if not create:
-            if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
-                raise OSError(errno.EACCES, f"{existing} is not a writable folder")
-        else:
+        if create:
             os.makedirs(path, exist_ok=True)
             with tempfile.TemporaryFile(dir=path) as probe:  # a real write: permissions, read-only mounts
                 probe.write(b"ok")
             existing = path
+        elif not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+            raise OSError(errno.EACCES, f"{existing} is not a writable folder")
     except OSError as e:
         raise InvalidInputError(
             f"output_dir {path!r} is not writable ({e.strerror or e}); choose a folder you can write to"
@@ -223,10 +222,7 @@ def write_checkpoint(accelerator, output_dir: str, step: int, meta: dict) -> str
 
 
 def register_lora_hooks(accelerator, parts: dict, adapter: str) -> list:
-    """Save/load the ``adapter`` LoRA of each module in ``parts`` (name -> module) with save_state/load_state.
-
-    Returns the hook handles (``.remove()`` them when the run ends).
-    """
+    """The hooks that save/load the ``adapter`` LoRA of each of ``parts`` (name -> module) in save/load_state."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     def part_of(model) -> str:
