@@ -57,3 +57,15 @@ def tiny_models(tmp_path_factory) -> dict:
     paths = dict(write_tiny_models(str(root)))
     paths["root"] = str(root)
     return paths
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test. Multi-threaded CPU conv gradients (SD1.x's UNet) differ from run to run, resumed or not."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+

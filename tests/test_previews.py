@@ -11,25 +11,19 @@ from turbobooth.manager import cache as cache_mod
 from turbobooth.manager import previews, sampling
 from turbobooth.manager.sampling import Guidance, generate
 from turbobooth.manager.spec import ModelSpec
-from turbobooth.manager.tiny import write_tiny_models
 from turbobooth.nodes import comfy as host
 
 NO_CFG = Guidance(negative_prompts=("",), scales=(0.0,))
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return write_tiny_models(str(tmp_path_factory.mktemp("tiny")), formats=("diffusers",))
+def zmodel(tiny_models):
+    return cache_mod.get_model(ModelSpec(tiny_models["zimage_diffusers"]))
 
 
 @pytest.fixture(scope="module")
-def zmodel(tiny):
-    return cache_mod.get_model(ModelSpec(tiny["zimage_diffusers"]))
-
-
-@pytest.fixture(scope="module")
-def sdmodel(tiny):
-    return cache_mod.get_model(ModelSpec(tiny["sd1_diffusers"]))
+def sdmodel(tiny_models):
+    return cache_mod.get_model(ModelSpec(tiny_models["sd1_diffusers"]))
 
 
 def _model_space(model, raw):

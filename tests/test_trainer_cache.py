@@ -49,15 +49,6 @@ def _same(a, b):
 
 
 @pytest.fixture
-def one_thread():
-    """Multi-threaded CPU conv gradients (SD1.x's UNet) differ from run to run, resumed or not."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
 def encoder_calls(monkeypatch):
     """Counts of VAE encodes and text-encoder forwards (any model built in the test)."""
     calls = {"vae": 0, "text_encoder": 0}

@@ -26,15 +26,6 @@ def zmodel():
     return _model("zimage")
 
 
-@pytest.fixture
-def one_thread():
-    """Multi-threaded CPU conv gradients (SD1.x's UNet) differ from run to run, resumed or not."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _cfg(tmp_path, name="run", **kw):
     args = dict(family="zimage", resolution=32, steps=4, lr=1e-3, rank=4, output_dir=str(tmp_path / name),
                 log_tensorboard=False, instance_prompt="a photo of sks dog", class_prompt="a photo of dog", seed=3)
