@@ -9,6 +9,20 @@ from . import comfy as host
 SAMPLERS = ("euler", "dpmpp_2m", "unipc", "euler_a", "ddim")
 MAX_SEED = 2**64 - 1  # what the seed widget allows; every value works (seed + i wraps)
 
+STRENGTH = ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05})
+#: TurboSample's widgets; the optional inputs are built per call (the LoRA file list can change)
+_REQUIRED = {
+    "model": ("TURBO_MODEL",),
+    "prompt": ("STRING", {"multiline": True, "default": "a photo of a red fox in fresh snow, golden hour, sharp focus"}),
+    "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED}),
+    "steps": ("INT", {"default": 0, "min": 0, "max": 200, "tooltip": "0 = family default (Z-Image-Turbo 8, SD1.x 25)."}),
+    "width": ("INT", {"default": 1024, "min": 16, "max": 4096, "step": 8}),
+    "height": ("INT", {"default": 1024, "min": 16, "max": 4096, "step": 8}),
+    "images_per_prompt": ("INT", {"default": 1, "min": 1, "max": 64}),
+    "sampler": (list(SAMPLERS), {"default": "euler", "tooltip": "Z-Image: euler (flow-matching), dpmpp_2m or unipc with flow sigmas."}),
+    "shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 20.0, "step": 0.1, "tooltip": "Z-Image timestep shift; 0 = the model's (3.0 for Turbo)."}),
+}
+
 
 class TurboSample:
     DESCRIPTION = (
@@ -24,27 +38,17 @@ class TurboSample:
     @classmethod
     def INPUT_TYPES(cls):
         return {
-            "required": {
-                "model": ("TURBO_MODEL",),
-                "prompt": ("STRING", {"multiline": True, "default": "a photo of a red fox in fresh snow, golden hour, sharp focus"}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED}),
-                "steps": ("INT", {"default": 0, "min": 0, "max": 200, "tooltip": "0 = family default (Z-Image-Turbo 8, SD1.x 25)."}),
-                "width": ("INT", {"default": 1024, "min": 16, "max": 4096, "step": 8}),
-                "height": ("INT", {"default": 1024, "min": 16, "max": 4096, "step": 8}),
-                "images_per_prompt": ("INT", {"default": 1, "min": 1, "max": 64}),
-                "sampler": (list(SAMPLERS), {"default": "euler", "tooltip": "Z-Image: euler (flow-matching), dpmpp_2m or unipc with flow sigmas."}),
-                "shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 20.0, "step": 0.1, "tooltip": "Z-Image timestep shift; 0 = the model's (3.0 for Turbo)."}),
-            },
+            "required": dict(_REQUIRED),
             "optional": {
                 "guidance": ("TURBO_GUIDANCE",),
                 "lora": ("TURBO_LORA",),
-                "lora_strength": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05}),
+                "lora_strength": STRENGTH,
                 "lora_file": ([host.NONE] + host.folder_list("loras"), {"default": host.NONE, "tooltip": "A LoRA file from models/loras."}),
-                "lora_file_strength": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05}),
+                "lora_file_strength": STRENGTH,
                 "init_image": ("IMAGE",),
                 "mask": ("MASK",),
                 "lora_2": ("TURBO_LORA", {"tooltip": "A second trained LoRA, applied together with the first."}),
-                "lora_2_strength": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05}),
+                "lora_2_strength": STRENGTH,
                 "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "With an init image: 1 repaints fully, lower keeps more of it. The output takes the init image's size."}),
             },
         }
