@@ -15,6 +15,8 @@ When the host cannot be prepared these tests skip locally and fail under CI=true
 
 from __future__ import annotations
 
+import os
+
 import comfy_harness as ch
 import pytest
 
@@ -32,6 +34,13 @@ def comfy_host(tmp_path_factory) -> ch.ComfyHost:
         host = ch.prepare_host(str(work))
     except ch.HostUnavailable as e:
         _unavailable(str(e))
+    # the in-process host reads object_info once per session, so LoadImage's file list must already hold every
+    # picture a host test names, whichever test runs first
+    from PIL import Image
+    from tiny_inputs import write_input_images
+
+    Image.new("RGB", (40, 24), (200, 30, 30)).save(os.path.join(host.input_dir, "harness_input.png"))
+    write_input_images(host.input_dir)
     try:
         host.tiny_models = ch.write_tiny_models(host.models_dir)
     except Exception as e:  # reported by host_tiny_models, so core-only tests still run
