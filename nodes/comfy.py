@@ -9,6 +9,7 @@ classes also work (and are tested) without ComfyUI.
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import os
 import sys
@@ -134,7 +135,7 @@ def latent_previewer(model):
         return None
     from ..manager.previews import GuardedPreview
 
-    decode = lambda x0: previewer.decode_latent_to_preview_image("JPEG", x0)  # noqa: E731
+    decode = functools.partial(previewer.decode_latent_to_preview_image, "JPEG")
     return GuardedPreview(decode, model.pipe.vae.config, fmt.scale_factor, getattr(fmt, "shift_factor", 0.0))
 
 

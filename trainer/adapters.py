@@ -23,7 +23,7 @@ TRAINING_ADAPTER = "turbobooth_dedistill"
 TE_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
-def _gc_enabled(module) -> bool:
+def gc_enabled(module) -> bool:
     # what diffusers' ``is_gradient_checkpointing`` and transformers 5's ``is_activation_checkpointing`` compute
     # (transformers' old name now warns)
     return any(getattr(m, "gradient_checkpointing", False) for m in module.modules())
@@ -36,7 +36,7 @@ class ModuleGuard:
         self.module = module
         self.grad = [(p, p.requires_grad) for p in module.parameters()]
         self.training = module.training
-        self.gc = _gc_enabled(module)
+        self.gc = gc_enabled(module)
         self.attrs = set(module.__dict__)
 
     def restore(self) -> None:
@@ -44,7 +44,7 @@ class ModuleGuard:
         for p, flag in self.grad:
             p.requires_grad_(flag)
         m.train(self.training)
-        if _gc_enabled(m) and not self.gc:
+        if gc_enabled(m) and not self.gc:
             if hasattr(m, "disable_gradient_checkpointing"):
                 m.disable_gradient_checkpointing()
             elif hasattr(m, "gradient_checkpointing_disable"):

@@ -100,8 +100,7 @@ def save(path: str, key: str, tensors: dict) -> None:
 
     owned = {n: t.detach().to("cpu").contiguous().clone() for n, t in tensors.items()}
     meta = {"format": _FORMAT, "key": key, "sha256": _digest(owned)}
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:  # atomic_file checks the folder and creates it
         atomic_file(path, lambda tmp: save_file(owned, tmp, metadata=meta))
     except (OSError, TurboBoothError) as e:
         logger.warning("could not write the data cache %s (%s); training goes on without it", path, e)

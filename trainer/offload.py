@@ -32,7 +32,7 @@ from collections import Counter
 from typing import NamedTuple
 
 from ..manager.errors import InvalidInputError, get_logger
-from .adapters import _gc_enabled
+from .adapters import gc_enabled
 
 logger = get_logger(__name__)
 GB = 1024**3
@@ -91,7 +91,7 @@ class BlockOffload:
         self.loaded = None  # the group now on the device
         self._contexts: list = []
         self._pin = self.device.type == "cuda"  # pinned CPU copies: asynchronous transfers
-        self.by_reference = not _gc_enabled(denoiser)  # checkpointing saves nothing of a block in the forward pass
+        self.by_reference = not gc_enabled(denoiser)  # checkpointing saves nothing of a block in the forward pass
         if any(hasattr(m, "_hf_hook") for m in denoiser.modules()):
             raise InvalidInputError(
                 "offload_blocks cannot be combined with TurboLoader's offload='model' or 'sequential' (accelerate "
