@@ -334,21 +334,18 @@ def store_weights(module, storage, compute) -> int:
 
 
 class CastIn:
-    """Forward pre-hook: the layer's parameters as ``compute`` copies for this call (the stored ones kept aside),
-    and floating inputs in ``compute`` too: pipelines that take their dtype from a 16-bit first parameter (SD1.x's
-    text encoder) hand the next layers 16-bit tensors."""
+    """Forward pre-hook: the layer's parameters as ``compute`` copies for this call (the stored ones kept aside)."""
 
     def __init__(self, compute):
         self.compute = compute
 
-    def __call__(self, layer, args):
-        if "_turbobooth_stored" not in layer.__dict__:  # else a call inside a call of the same layer: already cast
-            stored = {n: p for n, p in layer._parameters.items() if p is not None}
-            layer._turbobooth_stored = stored
-            for n, p in stored.items():
-                layer._parameters[n] = p.to(self.compute)
-        return tuple(a.to(self.compute) if hasattr(a, "is_floating_point") and a.is_floating_point() else a
-                     for a in args)
+    def __call__(self, layer, _args) -> None:
+        if "_turbobooth_stored" in layer.__dict__:  # a call inside a call of the same layer: already cast
+            return
+        stored = {n: p for n, p in layer._parameters.items() if p is not None}
+        layer._turbobooth_stored = stored
+        for n, p in stored.items():
+            layer._parameters[n] = p.to(self.compute)
 
 
 def _restore(layer, _args, _output) -> None:
