@@ -152,6 +152,7 @@ class Engine:
 
     def run_rows(self, key: BatchKey, rows: list[Row], should_stop=None) -> list[bytes]:
         """PNG bytes for ``rows`` (at most max_batch), computed at exactly max_batch rows."""
+        from turbobooth.manager.cache import ensure_loaded
         from turbobooth.manager.sampling import Guidance, generate
 
         if not 1 <= len(rows) <= self.max_batch:
@@ -160,6 +161,7 @@ class Engine:
         seeds = [r.seed for r in padded]
         loras = [(self.loras.get(name), strength) for name, strength in key.loras]
         guidance = Guidance(negative_prompts=tuple(r.negative for r in padded), scales=(key.guidance,))
+        self.model = ensure_loaded(self.model)  # the shared cache may have released it (budget, changed files)
         result = generate(self.model, [r.prompt for r in padded], seed=seeds, steps=key.steps,
                           width=key.width, height=key.height, guidance=guidance, loras=loras,
                           should_stop=should_stop)

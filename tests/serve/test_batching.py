@@ -117,3 +117,18 @@ def test_fifty_requests_from_ten_clients(service, client):
 def _concurrent_one(service, kw) -> bytes:
     with service.client() as c:
         return _png(c, **kw)
+
+
+def test_the_engine_reloads_a_model_the_cache_released(tmp_path):
+    """The engine holds the shared cache's model; when the cache lets it go (budget, changed files), the next
+    batch loads it again instead of failing on a released pipeline."""
+    from turbobooth.manager import cache as cache_mod
+    from turbobooth.serve.engine import BatchKey, Engine, Row, model_spec
+
+    engine = Engine(model_spec("tiny", tiny_root=str(tmp_path / "tiny")), str(tmp_path / "loras"), max_batch=2)
+    engine.load()
+    key, row = BatchKey(32, 32, 2, 1.5), Row("a photo of a dog", "", 3)
+    before = engine.run_rows(key, [row])
+    cache_mod.CACHE.release(engine.model.spec)
+    assert cache_mod.is_released(engine.model)
+    assert engine.run_rows(key, [row]) == before and not cache_mod.is_released(engine.model)
