@@ -34,10 +34,10 @@ def run_demo(out: str, seed: int = 0, steps: int = 30):
     """Yield the lines to print (paths of everything written)."""
     from .__main__ import save_png
     from .manager.cache import get_model
-    from .manager.export import save_lora
     from .manager.sampling import generate
     from .manager.spec import ModelSpec
     from .manager.tiny import write_tiny_models
+    from .manager.writers import save_lora
     from .trainer.config import TrainConfig
     from .trainer.loop import train
     from .trainer.priors import PriorCache

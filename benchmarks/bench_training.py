@@ -136,8 +136,7 @@ def build_pipe(family: str):
 
 
 def tiny_model(family: str):
-    from turbobooth.manager.model import TurboModel
-    from turbobooth.manager.spec import ModelSpec
+    from turbobooth.manager.spec import ModelSpec, TurboModel
 
     return TurboModel(ModelSpec("tiny"), family, build_pipe(family), f"tiny-{family}")
 

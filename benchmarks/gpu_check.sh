@@ -145,8 +145,7 @@ def build_model():
     from transformers import Qwen3Config, Qwen3Model
 
     from turbobooth.manager.formats import shipped_config
-    from turbobooth.manager.model import TurboModel
-    from turbobooth.manager.spec import ModelSpec
+    from turbobooth.manager.spec import ModelSpec, TurboModel
     from turbobooth.manager.tiny import build_qwen_tokenizer, build_tiny_zimage
 
     tiny = build_tiny_zimage(0)

@@ -17,8 +17,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from .errors import get_logger
-from .model import TurboModel
-from .spec import ModelSpec
+from .spec import ModelSpec, TurboModel
 
 logger = get_logger(__name__)
 

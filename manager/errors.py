@@ -20,20 +20,17 @@ def scrub(text: str) -> str:
     return _SECRETS.sub(lambda m: "hf_***" if m.group(1) else m.group(2) + "***", str(text))
 
 
-class ScrubFilter(logging.Filter):
+def _scrub_record(record: logging.LogRecord) -> bool:
     """Removes tokens from every record our loggers emit, arguments included."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.msg = scrub(record.getMessage())
-        record.args = None
-        return True
+    record.msg = scrub(record.getMessage())
+    record.args = None
+    return True
 
 
 def get_logger(name: str) -> logging.Logger:
     """A logger whose records never carry a token (a filter on each logger: filters do not propagate)."""
     logger = logging.getLogger(name)
-    if not any(isinstance(f, ScrubFilter) for f in logger.filters):
-        logger.addFilter(ScrubFilter())
+    logger.addFilter(_scrub_record)  # a filter already there is not added again
     return logger
 
 

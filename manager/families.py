@@ -42,24 +42,14 @@ SD1 = FamilyDefaults("sd1", "Stable Diffusion 1.x", 25, 7.5, 8, 512, ("to_q", "t
 FAMILIES = {"zimage": ZIMAGE, "sd1": SD1}
 
 
-@dataclass(frozen=True)
-class Variant:
-    """Sampling defaults of one Z-Image variant, and where the numbers come from."""
-
-    name: str
-    label: str
-    steps: int
-    guidance: float
-    source: str
-
-
+#: the sampling defaults of each Z-Image variant, and where the numbers come from
 ZIMAGE_VARIANTS = {
-    # The Turbo card's "9 steps" are 8 denoising steps in diffusers 0.42; guidance 0: the CFG is distilled in.
-    "turbo": Variant("turbo", "Z-Image-Turbo", 8, 0.0, "Z-Image-Turbo's model card (8 steps, guidance 0)"),
+    # Turbo's model card: its "9 steps" are 8 denoising steps in diffusers 0.42; guidance 0: the CFG is distilled in.
+    "turbo": dict(label="Z-Image-Turbo", steps=8, guidance=0.0),
     # ZImagePipeline's own call defaults are Base's; its card gives 28-50 steps with CFG about 3-5.
-    "base": Variant("base", "Z-Image (Base)", 50, 5.0, "ZImagePipeline's defaults, which are Base's"),
+    "base": dict(label="Z-Image (Base)", steps=50, guidance=5.0),
     # De-distilled Turbo checkpoints sample like Base again: with CFG and Base's step count.
-    "deturbo": Variant("deturbo", "Z-Image De-Turbo", 50, 5.0, "Base's defaults (a de-distilled Turbo uses CFG)"),
+    "deturbo": dict(label="Z-Image De-Turbo", steps=50, guidance=5.0),
 }
 VARIANTS = ("auto", *ZIMAGE_VARIANTS)
 TURBO_SHIFT = 3.0  # Turbo's scheduler_config.json; Base's differs
@@ -79,7 +69,7 @@ def model_defaults(family: str, variant: str = "") -> FamilyDefaults:
     """The family's defaults with the variant's steps and guidance (Z-Image); SD1.x has no variants."""
     base = defaults_for(family)
     v = ZIMAGE_VARIANTS.get(variant) if family == "zimage" else None
-    return base if v is None else replace(base, steps=v.steps, guidance=v.guidance, label=v.label)
+    return base if v is None else replace(base, **v)
 
 
 #: diffusers pipeline class name -> family

@@ -52,14 +52,10 @@ def classify_keys(keys: Iterable[str]) -> str | None:
     keys = list(keys)
     if any(".lora_A." in k or ".lora_down." in k or k.startswith("lora_unet_") for k in keys):
         return "lora"
-    if any(k.startswith(SD1_UNET_PREFIX + "input_blocks.") for k in keys):
-        if any(k.startswith("conditioner.embedders.") for k in keys):
-            return "sdxl_checkpoint"
-        if any(k.startswith("cond_stage_model.model.") for k in keys):
-            return "sd2_checkpoint"
-        if any(k.startswith(SD1_CLIP_PREFIX) for k in keys):
-            return "sd1_checkpoint"
-        return "ldm_unet"
+    if any(k.startswith(SD1_UNET_PREFIX + "input_blocks.") for k in keys):  # original layout: told by its text model
+        text = {"conditioner.embedders.": "sdxl_checkpoint", "cond_stage_model.model.": "sd2_checkpoint",
+                SD1_CLIP_PREFIX: "sd1_checkpoint"}
+        return next((kind for prefix, kind in text.items() if any(k.startswith(prefix) for k in keys)), "ldm_unet")
     bare = {re.sub(r"^(model\.)?diffusion_model\.", "", k) for k in keys}  # how bare diffusion models are stored
     if ("cap_embedder.1.weight" in bare and ("x_pad_token" in bare or "x_embedder.weight" in bare)) or (
         "all_x_embedder.2-1.weight" in bare
@@ -94,9 +90,7 @@ def detect_family_from_keys(keys: Iterable[str]) -> str | None:
     return _KIND_LABELS.get(classify_keys(keys), (None, None))[1]
 
 
-# ---------------------------------------------------------------------------
-# Configs and tokenizers
-# ---------------------------------------------------------------------------
+# ---------------------------------------------------------------- configs and tokenizers
 
 
 def shipped_config(family: str, component: str) -> dict:
@@ -183,9 +177,7 @@ def load_tokenizer(folder: str | None, model_path: str, family: str, strip_suffi
     return tok
 
 
-# ---------------------------------------------------------------------------
-# Loading
-# ---------------------------------------------------------------------------
+# ---------------------------------------------------------------- loading
 
 
 def check_kind(path: str, want: str, family: str, what: str, hint: str = "") -> None:

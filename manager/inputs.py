@@ -19,21 +19,15 @@ MAX_PROMPTS = 256
 MAX_IMAGES = 512
 
 
-def number(name: str, value, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> float:
+def number(name: str, value, lo: float, hi: float, *, lo_open: bool = False) -> float:
     """``value`` as a finite float within [lo, hi] (``lo_open``: (lo, hi]); otherwise a message naming it."""
     try:
         v = float(value)
     except (TypeError, ValueError):
         raise InvalidInputError(f"{name}={value!r} must be a number") from None
-    below = lo is not None and (v <= lo if lo_open else v < lo)
-    if not math.isfinite(v) or below or (hi is not None and v > hi):
-        if lo is not None and hi is not None:
-            allowed = f"outside {'(' if lo_open else '['}{lo:g}, {hi:g}]"
-        elif lo is not None:
-            allowed = f"not {'>' if lo_open else '>='} {lo:g}"
-        else:
-            allowed = f"not <= {hi:g}"
-        raise InvalidInputError(f"{name}={value!r} is {allowed}; it must be a finite number in that range")
+    if not math.isfinite(v) or (v <= lo if lo_open else v < lo) or v > hi:
+        raise InvalidInputError(f"{name}={value!r} is outside {'(' if lo_open else '['}{lo:g}, {hi:g}]; it must be a "
+                                "finite number in that range")
     return v
 
 
@@ -73,17 +67,15 @@ class Guidance:
         number("cfg_truncation", self.cfg_truncation, 0.0, 1.0)
         number("cfg_normalization", self.cfg_normalization, 0.0, 100.0)
 
-    def for_prompt(self, index: int, count: int) -> tuple[str, float]:
-        neg = self.negative_prompts if self.negative_prompts else ("",)
-        if len(neg) not in (1, count):
-            raise InvalidInputError(
-                f"got {len(neg)} negative prompts for {count} prompts; give one negative prompt, or one per prompt"
-            )
-        if len(self.scales) not in (1, count):
-            raise InvalidInputError(
-                f"got {len(self.scales)} guidance scales for {count} prompts; give one scale, or one per prompt"
-            )
-        return neg[index if len(neg) > 1 else 0], float(self.scales[index if len(self.scales) > 1 else 0])
+    def per_prompt(self, count: int) -> list[tuple[str, float]]:
+        """(negative prompt, guidance scale) for each of ``count`` prompts."""
+        neg = self.negative_prompts or ("",)
+        for values, what, one in ((neg, "negative prompts", "one negative prompt"),
+                                  (self.scales, "guidance scales", "one scale")):
+            if len(values) not in (1, count):
+                raise InvalidInputError(f"got {len(values)} {what} for {count} prompts; give {one}, or one per prompt")
+        return [(neg[i if len(neg) > 1 else 0], float(self.scales[i if len(self.scales) > 1 else 0]))
+                for i in range(count)]
 
 
 def parse_prompts(text: str | Sequence[str]) -> list[str]:

@@ -8,6 +8,7 @@ single-file checkpoints. Only safetensors are ever deserialised.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -17,10 +18,9 @@ import warnings
 
 from .errors import ModelSourceError, UnsafeFileError, WrongFamilyError, explained, get_logger
 from .families import FAMILIES, PIPELINE_FAMILIES, defaults_for, detect_variant
-from .formats import NO_SAFETY_CHECKER
-from .model import TurboModel
+from .formats import NO_SAFETY_CHECKER, load_sd1_single_file, load_zimage_split
 from .safety import PICKLE_SUFFIXES, check_safetensors
-from .spec import ModelSpec
+from .spec import ModelSpec, TurboModel
 
 logger = get_logger(__name__)
 
@@ -70,13 +70,6 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def _component_weights(folder: str, component: str) -> list[str]:
-    sub = os.path.join(folder, component)
-    if not os.path.isdir(sub):
-        return []
-    return sorted(os.path.join(sub, f) for f in os.listdir(sub) if not f.startswith("."))
-
-
 def inspect_diffusers_folder(folder: str, expected_family: str = "auto") -> str:
     """Check a diffusers folder and return its family, with errors that say what is wrong."""
     index = os.path.join(folder, "model_index.json")
@@ -123,12 +116,13 @@ def inspect_diffusers_folder(folder: str, expected_family: str = "auto") -> str:
                 "the download is incomplete"
             )
     for comp in (c for c in WEIGHTED_COMPONENTS if c in info):
-        _check_weights(os.path.join(folder, comp), _component_weights(folder, comp))
+        _check_weights(os.path.join(folder, comp))
     return family
 
 
-def _check_weights(where: str, files: list[str]) -> None:
+def _check_weights(where: str) -> None:
     """A component folder holds whole safetensors weights, not (only) pickles."""
+    files = sorted(glob.glob(os.path.join(glob.escape(where), "*")))  # hidden files left out
     safes = [f for f in files if f.endswith(".safetensors")]
     pickles = [f for f in files if f.lower().endswith(PICKLE_SUFFIXES)]
     if not safes and pickles:
@@ -161,8 +155,10 @@ def _spec_files(spec: ModelSpec) -> list[str]:
     kind = spec.resolved_kind()
     if kind == "hub":
         return []
-    files = _folder_weight_files(spec.source) if kind == "diffusers" else [spec.source, spec.text_encoder, spec.vae]
-    return [f for f in files if f]
+    if kind == "diffusers":
+        folder = glob.escape(os.path.expanduser(spec.source))
+        return [f for c in WEIGHTED_COMPONENTS for f in glob.glob(os.path.join(folder, c, "*.safetensors"))]
+    return [f for f in (spec.source, spec.text_encoder, spec.vae) if f]
 
 
 def file_stamp(spec: ModelSpec) -> str:
@@ -175,10 +171,6 @@ def file_stamp(spec: ModelSpec) -> str:
 def estimate_bytes(spec: ModelSpec) -> int:
     """The size on disk of the spec's weight files: about what loading it will take (0 for hub repos)."""
     return sum(os.path.getsize(f) for f in _spec_files(spec) if os.path.isfile(f))
-
-
-def _folder_weight_files(folder: str) -> list[str]:
-    return [f for c in WEIGHTED_COMPONENTS for f in _component_weights(folder, c) if f.endswith(".safetensors")]
 
 
 def hub_snapshot(repo_id: str, revision: str | None) -> tuple[str, str]:
@@ -218,17 +210,6 @@ def hub_snapshot(repo_id: str, revision: str | None) -> tuple[str, str]:
     return path, os.path.basename(os.path.normpath(path))
 
 
-def _load_diffusers(folder: str, family: str, torch_dtype):
-    cls = defaults_for(family).pipeline_class()
-    kwargs = NO_SAFETY_CHECKER if family == "sd1" else {}
-    with explained(f"the diffusers model in {folder}"), warnings.catch_warnings():
-        # newer diffusers renamed torch_dtype to dtype; older ones know only torch_dtype
-        warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
-        return cls.from_pretrained(
-            folder, torch_dtype=torch_dtype, use_safetensors=True, local_files_only=True, **kwargs
-        )
-
-
 def _freeze(pipe, device: str) -> tuple[int, bool]:
     """Turn gradients off on every weight (from_pretrained / from_single_file already return eval mode), in one
     pass that also counts the bytes of every weight and buffer as stored, and tells whether any is not on
@@ -246,43 +227,36 @@ def _freeze(pipe, device: str) -> tuple[int, bool]:
     return nbytes, elsewhere
 
 
-def load_model(spec: ModelSpec) -> TurboModel:
-    """Load a model from its spec (uncached; use ``cache.get_model`` for the shared cache).
-
-    Always loads outside ``torch.inference_mode`` (ComfyUI runs nodes inside
-    it): inference-mode weights could never be trained on afterwards.
-    """
-    import torch
-
-    with torch.inference_mode(False), torch.no_grad():
-        return _load_model(spec)
-
-
 def _open_source(spec: ModelSpec, torch_dtype):
     """(pipeline, family, identity, resolved revision) for the spec's source."""
-    from . import formats
-
     kind = spec.resolved_kind()
-    if kind in ("hub", "diffusers"):
-        if kind == "hub":
-            folder, commit = hub_snapshot(spec.source, spec.revision)
-            identity = f"hub:{spec.source}@{commit}"
-        else:
-            folder, commit = os.path.abspath(os.path.expanduser(spec.source)), spec.revision
-            identity = f"diffusers:{folder}:{fingerprint(_folder_weight_files(folder))}"
-        family = inspect_diffusers_folder(folder, spec.family)
-        return _load_diffusers(folder, family, torch_dtype), family, identity, commit
     if kind == "split":
         if spec.family not in ("auto", "zimage"):
             raise WrongFamilyError(f"split files are supported for Z-Image only, not {spec.family!r}")
         files = [spec.source, spec.text_encoder, spec.vae]
         check_split_files(files)
-        pipe = formats.load_zimage_split(*files, tokenizer=spec.tokenizer, dtype=torch_dtype)
+        pipe = load_zimage_split(*files, tokenizer=spec.tokenizer, dtype=torch_dtype)
         return pipe, "zimage", f"split:{fingerprint(files)}", spec.revision
-    if spec.family not in ("auto", "sd1"):
-        raise WrongFamilyError(f"single-file checkpoints are supported for SD1.x only, not {spec.family!r}")
-    pipe = formats.load_sd1_single_file(spec.source, tokenizer=spec.tokenizer, dtype=torch_dtype)
-    return pipe, "sd1", f"single:{fingerprint([spec.source])}", spec.revision
+    if kind == "single_file":
+        if spec.family not in ("auto", "sd1"):
+            raise WrongFamilyError(f"single-file checkpoints are supported for SD1.x only, not {spec.family!r}")
+        pipe = load_sd1_single_file(spec.source, tokenizer=spec.tokenizer, dtype=torch_dtype)
+        return pipe, "sd1", f"single:{fingerprint([spec.source])}", spec.revision
+    if kind == "hub":
+        folder, commit = hub_snapshot(spec.source, spec.revision)
+        identity = f"hub:{spec.source}@{commit}"
+    else:
+        folder, commit = os.path.abspath(os.path.expanduser(spec.source)), spec.revision
+        identity = f"diffusers:{folder}:{fingerprint(_spec_files(spec))}"
+    family = inspect_diffusers_folder(folder, spec.family)
+    kwargs = NO_SAFETY_CHECKER if family == "sd1" else {}
+    with explained(f"the diffusers model in {folder}"), warnings.catch_warnings():
+        # newer diffusers renamed torch_dtype to dtype; older ones know only torch_dtype
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
+        pipe = defaults_for(family).pipeline_class().from_pretrained(
+            folder, torch_dtype=torch_dtype, use_safetensors=True, local_files_only=True, **kwargs
+        )
+    return pipe, family, identity, commit
 
 
 def check_split_files(files: list[str]) -> None:
@@ -294,17 +268,50 @@ def check_split_files(files: list[str]) -> None:
                                "(models/diffusion_models, models/text_encoders, models/vae)")
 
 
+def load_model(spec: ModelSpec) -> TurboModel:
+    """Load a model from its spec (uncached; use ``cache.get_model`` for the shared cache).
+
+    Always loads outside ``torch.inference_mode`` (ComfyUI runs nodes inside
+    it): inference-mode weights could never be trained on afterwards.
+    """
+    import torch
+
+    with torch.inference_mode(False), torch.no_grad():
+        device = resolve_device(spec.device)
+        torch_dtype, storage = resolve_torch_dtype(spec.dtype, device)
+        pipe, family, identity, revision = _open_source(spec, torch_dtype)
+        if revision:
+            identity += f"@{revision}"
+        pipe.set_progress_bar_config(disable=True)
+        if storage is not None:
+            # 8-bit storage is for the denoiser only. 16-bit storage covers Z-Image's text encoder too, but not
+            # SD1.x's CLIP: its pipeline gives the prompt embeddings its text encoder's reported dtype (the first
+            # parameter's).
+            store_weights(getattr(pipe, defaults_for(family).denoiser), storage, torch_dtype)
+            if storage.itemsize == 2 and family == "zimage":
+                store_weights(pipe.text_encoder, storage, torch_dtype)
+        nbytes, elsewhere = _freeze(pipe, device)
+        if spec.offload != "none" and device.startswith("cuda"):
+            getattr(pipe, f"enable_{spec.offload}_cpu_offload")(device=device)  # enable_model_ / enable_sequential_
+        else:
+            if spec.offload != "none":
+                logger.warning("offload=%s needs a CUDA device; running on %s without offload", spec.offload, device)
+            if elsewhere:  # from_pretrained builds on the CPU; pipe.to walks every module even when nothing moves
+                pipe.to(device)
+        variant = ""
+        if family == "zimage":
+            variant = spec.variant if spec.variant != "auto" else detect_variant(
+                [spec.source, pipe.config.get("_name_or_path")], pipe.scheduler.config.get("shift"))
+        model = TurboModel(spec=spec, family=family, pipe=pipe, identity=identity, device=device, nbytes=nbytes,
+                           extras={"stamp": file_stamp(spec)}, variant=variant)
+        logger.info("loaded %s (%s, %.1f MB) from %s", model.defaults.label, spec.dtype, model.nbytes / 2**20,
+                    spec.source)
+        return model
+
+
 #: the layers whose weights are stored narrow and cast as they run (the ones diffusers' layerwise casting covers)
 CAST_LAYERS = ("Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
                "Embedding")
-
-
-def _store_in(pipe, family: str, storage, compute) -> None:
-    """8-bit storage is for the denoiser only. 16-bit storage covers Z-Image's text encoder too, but not SD1.x's
-    CLIP: its pipeline gives the prompt embeddings its text encoder's reported dtype (the first parameter's)."""
-    store_weights(getattr(pipe, defaults_for(family).denoiser), storage, compute)
-    if storage.itemsize == 2 and family == "zimage":
-        store_weights(pipe.text_encoder, storage, compute)
 
 
 def store_weights(module, storage, compute) -> int:
@@ -353,32 +360,3 @@ def _restore(layer, _args, _output) -> None:
     stored = layer.__dict__.pop("_turbobooth_stored", None)
     if stored:
         layer._parameters.update(stored)
-
-
-def _load_model(spec: ModelSpec) -> TurboModel:
-
-    device = resolve_device(spec.device)
-    torch_dtype, storage = resolve_torch_dtype(spec.dtype, device)
-    pipe, family, identity, revision = _open_source(spec, torch_dtype)
-    if revision:
-        identity += f"@{revision}"
-    pipe.set_progress_bar_config(disable=True)
-    if storage is not None:
-        _store_in(pipe, family, storage, torch_dtype)
-    if spec.offload != "none" and device.startswith("cuda"):
-        nbytes, _ = _freeze(pipe, device)
-        getattr(pipe, f"enable_{spec.offload}_cpu_offload")(device=device)  # enable_model_ / enable_sequential_
-    else:
-        if spec.offload != "none":
-            logger.warning("offload=%s needs a CUDA device; running on %s without offload", spec.offload, device)
-        nbytes, elsewhere = _freeze(pipe, device)
-        if elsewhere:  # from_pretrained builds on the CPU; pipe.to walks every module even when nothing moves
-            pipe.to(device)
-    variant = ""
-    if family == "zimage":
-        variant = spec.variant if spec.variant != "auto" else detect_variant(
-            [spec.source, pipe.config.get("_name_or_path")], pipe.scheduler.config.get("shift"))
-    model = TurboModel(spec=spec, family=family, pipe=pipe, identity=identity, device=device, nbytes=nbytes,
-                       extras={"stamp": file_stamp(spec)}, variant=variant)
-    logger.info("loaded %s (%s, %.1f MB) from %s", model.defaults.label, spec.dtype, model.nbytes / 2**20, spec.source)
-    return model

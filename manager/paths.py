@@ -74,13 +74,6 @@ def check_writable(folder: str) -> None:
         raise InvalidInputError(f"output folder {folder} is not writable; choose another location")
 
 
-def _umask_mode(base: int) -> int:
-    """``base`` with the process umask applied: what a plain open()/mkdir() would give."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return base & ~mask
-
-
 def _size(path: str) -> int:
     if os.path.isdir(path):
         return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
@@ -98,21 +91,12 @@ def _write_error(final: str, tmp: str, e: OSError) -> WriteError:
     return WriteError(f"cannot write {final}: {e.strerror or e}")
 
 
-def atomic_file(final: str, write: Callable[[str], object]) -> str:
-    """``write(tmp_path)`` into a temporary file beside ``final``, then rename it into place.
+def atomic_file(final: str, write: Callable[[str], object], folder: bool = False, overwrite: bool = True) -> str:
+    """``write(tmp_path)`` into a temporary file (``folder``: folder) beside ``final``, then rename it into place.
 
-    The file is whole or absent: on any error or cancel the temporary file is removed. The result has the
-    mode a plain ``open()`` would give (the umask applies).
+    The result is whole or absent: on any error or cancel the temporary one is removed. It has the mode a plain
+    ``open()``/``mkdir()`` would give (the umask applies). An existing folder is replaced only with ``overwrite``.
     """
-    return _atomic(final, write, folder=False, overwrite=True)
-
-
-def atomic_dir(final: str, write: Callable[[str], object], overwrite: bool = True) -> str:
-    """Build a folder in a temporary sibling with ``write(tmp_dir)``, then rename it into place (whole or absent)."""
-    return _atomic(final, write, folder=True, overwrite=overwrite)
-
-
-def _atomic(final: str, write: Callable[[str], object], folder: bool, overwrite: bool) -> str:
     parent = os.path.dirname(os.path.abspath(final))
     check_writable(parent)
     prefix = "." + os.path.basename(final) + "."
@@ -121,10 +105,12 @@ def _atomic(final: str, write: Callable[[str], object], folder: bool, overwrite:
     else:
         fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=parent)
         os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     old = None
     try:
         write(tmp)
-        os.chmod(tmp, _umask_mode(0o777 if folder else 0o666))
+        os.chmod(tmp, (0o777 if folder else 0o666) & ~umask)
         if folder and os.path.exists(final):  # a folder cannot be renamed over another: move the old one aside
             if not overwrite:
                 raise InvalidInputError(f"{final} already exists; enable overwrite or choose another name")
@@ -147,3 +133,8 @@ def _atomic(final: str, write: Callable[[str], object], folder: bool, overwrite:
     if old:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def atomic_dir(final: str, write: Callable[[str], object], overwrite: bool = True) -> str:
+    """Build a folder in a temporary sibling with ``write(tmp_dir)``, then rename it into place (whole or absent)."""
+    return atomic_file(final, write, folder=True, overwrite=overwrite)

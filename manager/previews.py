@@ -17,16 +17,6 @@ logger = get_logger(__name__)
 EULER_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "EulerDiscreteScheduler")
 
 
-def _is_euler(scheduler) -> bool:
-    """A deterministic Euler step (the pipelines pass no ``s_churn``, so SD1's Euler adds no noise either)."""
-    config = getattr(scheduler, "config", {})
-    return (
-        type(scheduler).__name__ in EULER_SCHEDULERS
-        and getattr(scheduler, "sigmas", None) is not None
-        and not config.get("stochastic_sampling", False)
-    )
-
-
 class StepLatents:
     """Turns each step's latents into ``preview(x0)`` for the first image of the batch.
 
@@ -39,8 +29,7 @@ class StepLatents:
 
     def __init__(self, preview: Callable):
         self.preview = preview
-        self.prev = None
-        self.first = None
+        self.begin()
 
     def begin(self, first_latents=None) -> None:
         """A new pipeline call; ``first_latents``: the noise its first step starts from (txt2img), else None."""
@@ -53,16 +42,19 @@ class StepLatents:
         prev = self.prev
         if prev is None and self.first is not None:
             prev = self.first.to(x_next.device) * float(getattr(scheduler, "init_noise_sigma", 1.0))
-            self.first = None
         self.prev = x_next
-        return self.preview(_euler_x0(scheduler, prev, x_next) if prev is not None and _is_euler(scheduler) else x_next)
+        return self.preview(_euler_x0(scheduler, prev, x_next))
 
 
 def _euler_x0(scheduler, x, x_next):
-    """The x0 estimate of the Euler step that just moved ``x`` to ``x_next``; ``x_next`` when it cannot tell."""
+    """The x0 estimate of the Euler step that just moved ``x`` to ``x_next``; ``x_next`` when it cannot tell.
+
+    Only a deterministic Euler step tells (the pipelines pass no ``s_churn``, so SD1's Euler adds no noise either).
+    """
+    sigmas = getattr(scheduler, "sigmas", None)
+    euler = type(scheduler).__name__ in EULER_SCHEDULERS and not scheduler.config.get("stochastic_sampling", False)
     index = getattr(scheduler, "step_index", None)  # already advanced past the step just taken
-    sigmas = scheduler.sigmas
-    if index is None or not 1 <= index < len(sigmas):
+    if x is None or sigmas is None or not euler or index is None or not 1 <= index < len(sigmas):
         return x_next
     sigma, sigma_next = float(sigmas[index - 1]), float(sigmas[index])
     if sigma == sigma_next:

@@ -11,20 +11,9 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .errors import Interrupted, InvalidInputError, get_logger
-from .inputs import (  # noqa: F401  (Guidance, parse_prompts and check_size are part of this module's API)
-    MAX_IMAGES,
-    Guidance,
-    check_sampler,
-    check_size,
-    finite_tensor,
-    number,
-    parse_prompts,
-    seed_list,
-)
-from .model import TurboModel
-
-logger = get_logger(__name__)
+from .errors import Interrupted, InvalidInputError
+from .inputs import MAX_IMAGES, Guidance, check_sampler, check_size, finite_tensor, number, parse_prompts, seed_list
+from .spec import TurboModel
 
 EMBED_CACHE_SIZE = 64
 ENCODE_CHUNK = 16  # prompts per text-encoder call; cancel is checked between chunks
@@ -120,13 +109,12 @@ def _job(model: TurboModel, prompts, seed, steps, width, height, images_per_prom
             f"({d.label}'s default); raise the guidance scale or reset them (0 and 1)")
     n = len(prompt_list)
     return _Job(prompt_list, seed_list(seed, n), steps, width, height, images_per_prompt, sampler, shift, guidance,
-                [guidance.for_prompt(i, n) for i in range(n)], max_sequence_length or d.max_sequence_length,
+                guidance.per_prompt(n), max_sequence_length or d.max_sequence_length,
                 init_image, denoise, mask)
 
 
 def embed_cache(model: TurboModel) -> OrderedDict:
-    """A small LRU of prompt embeddings per model (the most recent last), so a repeated prompt skips the text
-    encoder."""
+    """A small LRU of prompt embeddings per model (most recent last): a repeated prompt skips the text encoder."""
     return model.extras.setdefault("embed_cache", OrderedDict())
 
 
@@ -153,11 +141,12 @@ def _decode(model: TurboModel, latents):
 
 def _run_pipeline(model: TurboModel, job: _Job, p_emb: list, n_emb: list | None, scale: float, rows: list,
                   latents, callback):
-    """One pipeline call for the images ``rows`` (prompt ``r // per_prompt`` each), all at guidance ``scale``."""
+    """One pipeline call for the images ``rows`` (prompt ``r // per_prompt`` each), all at guidance ``scale``;
+    ``p_emb``/``n_emb``: one embedding per prompt, which the pipeline repeats for its images."""
     import torch
 
     kwargs = dict(num_inference_steps=job.steps, guidance_scale=scale, height=job.height, width=job.width,
-                  output_type="latent", callback_on_step_end=callback)
+                  num_images_per_prompt=job.per_prompt, output_type="latent", callback_on_step_end=callback)
     if model.family == "zimage":
         kwargs.update(prompt_embeds=p_emb, negative_prompt_embeds=n_emb, cfg_truncation=job.guidance.cfg_truncation,
                       cfg_normalization=job.guidance.cfg_normalization, max_sequence_length=job.max_len)
@@ -256,22 +245,11 @@ def generate(
         return _run(model, job, loras, on_step, should_stop, preview)
 
 
-def _scheduler_for(model: TurboModel, job: _Job):
-    from . import schedulers
-
-    base = model.pipe.scheduler
-    own_euler = type(base).__name__ == "FlowMatchEulerDiscreteScheduler"
-    if model.family == "zimage":
-        if job.sampler == "euler" and own_euler and job.shift in (None, base.config.get("shift")):
-            return base  # the model's own flow-matching Euler scheduler, as loaded
-        return schedulers.zimage_scheduler(dict(base.config), job.sampler, job.shift)
-    return schedulers.sd1_scheduler(base, job.sampler)
-
-
 def _run(model: TurboModel, job: _Job, loras: list, on_step, should_stop, preview=None) -> SampleResult:
     import torch
 
     from .previews import StepLatents
+    from .schedulers import scheduler_for
 
     pos = _encode(model, job.prompts, job.max_len, loras, should_stop)
     noise = _noise(model, job.seeds, job.width, job.height, job.per_prompt)
@@ -295,16 +273,14 @@ def _run(model: TurboModel, job: _Job, loras: list, on_step, should_stop, previe
     out_latents, per = [None] * len(job.prompts), job.per_prompt
     base_sched = model.pipe.scheduler
     try:
-        model.pipe.scheduler = _scheduler_for(model, job)
+        model.pipe.scheduler = scheduler_for(model.family, base_sched, job.sampler, job.shift)
         for scale, idx in groups.items():
             cfg_on = scale > 0 if model.family == "zimage" else scale > 1
             negs = _encode(model, [job.per[i][0] for i in idx], job.max_len, loras, should_stop) if cfg_on else None
             rows = [i * per + j for i in idx for j in range(per)]
-            p_emb = [pos[i] for i in idx for _ in range(per)]
-            n_emb = [n for n in negs for _ in range(per)] if cfg_on else None
             if shown is not None:
                 shown.begin(noise[rows] if job.init_image is None else None)
-            lat_out = _run_pipeline(model, job, p_emb, n_emb, scale, rows, noise[rows], cb)
+            lat_out = _run_pipeline(model, job, [pos[i] for i in idx], negs, scale, rows, noise[rows], cb)
             for k, i in enumerate(idx):
                 out_latents[i] = lat_out[k * per : (k + 1) * per]
     finally:

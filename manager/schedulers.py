@@ -4,13 +4,21 @@ from __future__ import annotations
 
 from .inputs import check_sampler, number
 
+#: SD1.x sampler -> diffusers scheduler class, configured like the model's own (``model_default``: that one)
+SD1_SCHEDULERS = {
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+    "ddim": "DDIMScheduler",
+}
+
 
 def _flow_multistep(cls):
     """A flow-sigma multistep scheduler that accepts the ``sigmas=``/``mu=`` call of flow pipelines.
 
-    Flow pipelines (ZImagePipeline) always pass their own sigma list; the
-    multistep solvers build their flow sigmas from ``flow_shift`` and only
-    need the count.
+    Flow pipelines (ZImagePipeline) always pass their own sigma list; the multistep solvers build their flow
+    sigmas from ``flow_shift`` and only need the count.
     """
 
     class FlowMultistep(cls):
@@ -42,25 +50,17 @@ def zimage_scheduler(base_config: dict, sampler: str, shift: float | None):
     return _flow_multistep(UniPCMultistepScheduler)(**common)
 
 
-def sd1_scheduler(base_scheduler, sampler: str):
-    """The scheduler for ``sampler``, configured like the model's own ``base_scheduler`` (that one itself for
-    ``model_default``)."""
-    from diffusers import (
-        DDIMScheduler,
-        DPMSolverMultistepScheduler,
-        EulerAncestralDiscreteScheduler,
-        EulerDiscreteScheduler,
-        UniPCMultistepScheduler,
-    )
+def scheduler_for(family: str, base, sampler: str, shift: float | None = None):
+    """The scheduler for ``sampler``, configured like the model's own ``base``: ``base`` itself where the sampler
+    (and, for Z-Image, the shift) is the model's own."""
+    import diffusers
 
-    check_sampler("sd1", sampler)
+    check_sampler(family, sampler)
+    if family == "zimage":
+        own_euler = type(base).__name__ == "FlowMatchEulerDiscreteScheduler"
+        if sampler == "euler" and own_euler and shift in (None, base.config.get("shift")):
+            return base  # the model's own flow-matching Euler scheduler, as loaded
+        return zimage_scheduler(dict(base.config), sampler, shift)
     if sampler == "model_default":
-        return base_scheduler
-    cls = {
-        "euler": EulerDiscreteScheduler,
-        "euler_a": EulerAncestralDiscreteScheduler,
-        "dpmpp_2m": DPMSolverMultistepScheduler,
-        "unipc": UniPCMultistepScheduler,
-        "ddim": DDIMScheduler,
-    }[sampler]
-    return cls.from_config(base_scheduler.config)
+        return base
+    return getattr(diffusers, SD1_SCHEDULERS[sampler]).from_config(base.config)

@@ -21,14 +21,17 @@ _MERGE_WORDS = (
 )
 
 
-def _merges_for(words: Iterable[str], prefix: str = "", suffix: str = "") -> list[tuple[str, str]]:
-    """Left-to-right merges that assemble each word (optionally with a space marker or end marker)."""
+def _merges_for(vocab: dict, words: Iterable[str], prefix: str = "", suffix: str = "") -> list[tuple[str, str]]:
+    """Left-to-right merges that assemble each word (with an optional space or end marker), added to ``vocab``."""
     pairs = []
     for word in words:
         symbols = ([prefix] if prefix else []) + list(word)
         symbols[-1] += suffix
         pairs += [("".join(symbols[:i]), symbols[i]) for i in range(1, len(symbols))]
-    return list(dict.fromkeys(pairs))
+    merges = list(dict.fromkeys(pairs))
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    return merges
 
 
 def build_qwen_tokenizer():
@@ -39,12 +42,10 @@ def build_qwen_tokenizer():
     from .formats import shipped_chat_template
 
     vocab = {ch: i for i, ch in enumerate(sorted(bytes_to_unicode().values()))}
-    merges = _merges_for(_MERGE_WORDS, prefix="Ġ") + _merges_for(_MERGE_WORDS)
-    for a, b in merges:
-        vocab.setdefault(a + b, len(vocab))
+    merges = _merges_for(vocab, _MERGE_WORDS, prefix="Ġ") + _merges_for(vocab, _MERGE_WORDS)
     tok = Qwen2Tokenizer(
         vocab=vocab,
-        merges=list(merges),
+        merges=merges,
         unk_token=None,
         bos_token=None,
         eos_token="<|im_end|>",
@@ -65,14 +66,10 @@ def build_clip_tokenizer():
 
     alphabet = sorted(bytes_to_unicode().values())
     vocab = {ch: i for i, ch in enumerate(alphabet + [ch + "</w>" for ch in alphabet])}
-    merges = _merges_for([w for w in _MERGE_WORDS if len(w) > 1], suffix="</w>")
-    for a, b in merges:
-        vocab.setdefault(a + b, len(vocab))
+    merges = _merges_for(vocab, [w for w in _MERGE_WORDS if len(w) > 1], suffix="</w>")
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
-    tok = CLIPTokenizer(vocab=vocab, merges=list(merges))
-    tok.model_max_length = 77
-    return tok
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
 # Tiny widths with the real topologies; the VAEs share Z-Image's and SD1.x's x8, 4-level layout.

@@ -1,4 +1,4 @@
-"""Writers for the two single-file layouts no library writes: ComfyUI's split Z-Image files and SD1.x single files.
+"""Writing models: the two single-file layouts no library writes, and CheckpointSave's LoRAs and models.
 
 diffusers reads both layouts (``from_single_file``) but writes neither, so the
 renames from diffusers' key names back to the original ones are ours:
@@ -27,8 +27,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from .errors import ModelSourceError, get_logger
-from .paths import atomic_dir, atomic_file
+from .errors import InvalidInputError, ModelSourceError, get_logger
+from .paths import atomic_dir, atomic_file, check_writable, safe_name, unique_path
 
 logger = get_logger(__name__)
 
@@ -152,65 +152,55 @@ _RESNET_TO_LDM = {
     "conv2": "out_layers.3",
     "conv_shortcut": "skip_connection",
 }
-
-
-def _unet_prefix_pairs(levels: int, lpb: int, attn_down: list[bool], attn_up: list[bool]) -> list[tuple[str, str]]:
-    """(diffusers prefix, LDM prefix) for every block of an SD-style UNet."""
-    pairs = [
-        ("time_embedding.linear_1.", "time_embed.0."),
-        ("time_embedding.linear_2.", "time_embed.2."),
-        ("conv_in.", "input_blocks.0.0."),
-        ("conv_norm_out.", "out.0."),
-        ("conv_out.", "out.2."),
-        ("mid_block.resnets.0.", "middle_block.0."),
-        ("mid_block.attentions.0.", "middle_block.1."),
-        ("mid_block.resnets.1.", "middle_block.2."),
-    ]
-    n = 1
-    for i in range(levels):
-        for j in range(lpb):
-            pairs.append((f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{n}.0."))
-            if attn_down[i]:
-                pairs.append((f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{n}.1."))
-            n += 1
-        if i < levels - 1:
-            pairs.append((f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{n}.0.op."))
-            n += 1
-    n = 0
-    for i in range(levels):
-        for j in range(lpb + 1):
-            pairs.append((f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{n}.0."))
-            if attn_up[i]:
-                pairs.append((f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{n}.1."))
-            if j == lpb and i < levels - 1:
-                pairs.append((f"up_blocks.{i}.upsamplers.0.", f"output_blocks.{n}.{2 if attn_up[i] else 1}."))
-            n += 1
-    return pairs
+_SLOT = {"resnets": 0, "attentions": 1}  # an LDM block holds a resnet (0) and then its transformer (1)
+_LDM_UNET_ROOTS = ("input_blocks.", "middle_block.", "output_blocks.", "time_embed.", "out.")
 
 
 def unet_to_ldm(state_dict: Mapping[str, Any], config: Mapping[str, Any]) -> dict:
-    """diffusers UNet2DConditionModel keys -> original ``input_blocks/middle_block/output_blocks`` keys."""
+    """diffusers UNet2DConditionModel keys -> original ``input_blocks/middle_block/output_blocks`` keys.
+
+    Top-level layers by diffusers' own table; LDM numbers the blocks along each side: per level
+    ``layers_per_block`` resnets (each with its transformer), then the level's down/upsampler.
+    """
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
     lpb = config["layers_per_block"]
     if not isinstance(lpb, int):
         raise ModelSourceError("only UNets with the same layers_per_block on every level can be written")
-    attn = [["CrossAttn" in t for t in config[f"{side}_block_types"]] for side in ("down", "up")]
-    table = {}
-    for ours, ldm in _unet_prefix_pairs(len(config["block_out_channels"]), lpb, *attn):
-        table[ours] = ldm
-        if ".resnets." in ours:
-            table.update({f"{ours}{a}.": f"{ldm}{b}." for a, b in _RESNET_TO_LDM.items()})
+    per = lpb + 1
+    up_slot = [2 if "CrossAttn" in t else 1 for t in config["up_block_types"]]  # after the resnet and transformer
+
+    def n(level: str, j: str | int) -> int:  # the j-th block of a level, counted along its side
+        return int(level) * per + int(j)
+
+    renames = (
+        (rf"\.resnets\.(\d+)\.({'|'.join(_RESNET_TO_LDM)})\.", lambda m: f".resnets.{m[1]}.{_RESNET_TO_LDM[m[2]]}."),
+        (
+            r"^down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.",
+            lambda m: f"input_blocks.{1 + n(m[1], m[3])}.{_SLOT[m[2]]}.",
+        ),
+        (r"^down_blocks\.(\d+)\.downsamplers\.0\.conv\.", lambda m: f"input_blocks.{1 + n(m[1], lpb)}.0.op."),
+        (r"^mid_block\.(resnets|attentions)\.(\d+)\.", lambda m: f"middle_block.{2 * int(m[2]) + _SLOT[m[1]]}."),
+        (
+            r"^up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.",
+            lambda m: f"output_blocks.{n(m[1], m[3])}.{_SLOT[m[2]]}.",
+        ),
+        (r"^up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"output_blocks.{n(m[1], lpb)}.{up_slot[int(m[1])]}."),
+    )
+    top = DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"]  # time embedding, conv_in, conv_norm_out, conv_out
     out = {}
     for key, value in state_dict.items():
-        parts = key.split(".")
-        prefix = next((p for cut in range(len(parts) - 1, 0, -1) if (p := ".".join(parts[:cut]) + ".") in table), None)
-        if prefix is None:
+        new = top.get(key, key)
+        for pattern, repl in renames:
+            new = re.sub(pattern, repl, new)
+        if not new.startswith(_LDM_UNET_ROOTS):
             raise ModelSourceError(f"unexpected diffusers UNet weight {key!r}; the UNet layout is not SD1.x's")
-        out[table[prefix] + key[len(prefix) :]] = value
+        out[new] = value
     return out
 
 
 # ---------------------------------------------------------------------------
-# Writing whole models
+# Writing whole models and LoRAs
 # ---------------------------------------------------------------------------
 
 
@@ -247,10 +237,38 @@ def write_sd1_checkpoint(pipe, path: str) -> str:
     te = pipe.text_encoder
     for k, v in te.state_dict().items():
         tensors[SD1_CLIP_PREFIX + (k if k.startswith("text_model.") else "text_model." + k)] = v
-    pos_key = SD1_CLIP_PREFIX + "text_model.embeddings.position_ids"
-    if pos_key not in tensors:
-        tensors[pos_key] = torch.arange(te.config.max_position_embeddings, dtype=torch.int64)[None]
+    # the original files carry CLIP's position ids, a buffer transformers does not save
+    positions = torch.arange(te.config.max_position_embeddings, dtype=torch.int64)[None]
+    tensors[SD1_CLIP_PREFIX + "text_model.embeddings.position_ids"] = positions
     configs = {c: _config(getattr(pipe, c)) for c in ("unet", "vae", "text_encoder", "scheduler")}
     save_tensors(tensors, path, configs)
     atomic_dir(os.path.splitext(path)[0] + "_tokenizer", pipe.tokenizer.save_pretrained)
+    return path
+
+
+def save_lora(lora, folder: str, name: str, overwrite: bool = False) -> str:
+    """Write ``lora`` to ``folder/<name>.safetensors`` (auto-incremented unless ``overwrite``)."""
+    from .lora import save_lora_file
+
+    check_writable(folder)
+    stem = safe_name(name.removesuffix(".safetensors"), "turbobooth_lora")
+    path = unique_path(folder, stem, ".safetensors", overwrite=overwrite)
+    save_lora_file(lora, path)
+    return path
+
+
+def save_model(model, folder: str, name: str, model_format: str = "diffusers folder", overwrite: bool = False) -> str:
+    """A fine-tuned TurboModel as a diffusers folder, or (SD1.x) one single-file checkpoint."""
+    check_writable(folder)
+    stem = safe_name(name, "turbobooth_model")
+    if model_format.startswith("single"):
+        if model.family != "sd1":
+            raise InvalidInputError(
+                f"single-file export is for SD1.x; a {model.family} model is saved as a diffusers folder"
+            )
+        return write_sd1_checkpoint(model.pipe, unique_path(folder, stem, ".safetensors", overwrite=overwrite))
+    if model_format != "diffusers folder":
+        raise InvalidInputError(f"model_format {model_format!r} is not one of: diffusers folder, single file (SD1.x)")
+    path = unique_path(folder, stem, "", overwrite=overwrite)
+    atomic_dir(path, lambda tmp: model.pipe.save_pretrained(tmp, safe_serialization=True), overwrite=overwrite)
     return path

@@ -10,13 +10,12 @@ import turbobooth
 from PIL import Image
 from turbobooth.manager import lora as L
 from turbobooth.manager.errors import InvalidInputError
-from turbobooth.manager.export import save_lora, save_model
 from turbobooth.manager.loading import load_model
-from turbobooth.manager.model import TurboModel
 from turbobooth.manager.paths import safe_name, unique_path
 from turbobooth.manager.sampling import generate
-from turbobooth.manager.spec import ModelSpec
+from turbobooth.manager.spec import ModelSpec, TurboModel
 from turbobooth.manager.tiny import build_tiny_sd1, build_tiny_zimage
+from turbobooth.manager.writers import save_lora, save_model
 from turbobooth.trainer import loop
 from turbobooth.trainer.config import TrainConfig
 

@@ -13,8 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from turbobooth.manager import lora as L
 from turbobooth.manager.errors import InvalidInputError, UnsafeFileError, WrongFamilyError
-from turbobooth.manager.model import TurboModel
-from turbobooth.manager.spec import ModelSpec
+from turbobooth.manager.spec import ModelSpec, TurboModel
 from turbobooth.manager.tiny import build_tiny_sd1, build_tiny_zimage
 
 ZTARGETS = ("to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3")

@@ -61,8 +61,7 @@ def test_a_plan_that_cannot_fit_says_what_would(real):
 
 
 def test_quantized_plan_asks_for_an_8_bit_load(tmp_path):
-    from turbobooth.manager.model import TurboModel
-    from turbobooth.manager.spec import ModelSpec
+    from turbobooth.manager.spec import ModelSpec, TurboModel
     from turbobooth.manager.tiny import build_tiny_zimage
     from turbobooth.trainer.config import TrainConfig
 
@@ -108,8 +107,7 @@ def test_offload_blocks_from_the_config_applies_to_every_plan(real):
 
 
 def test_resolve_turns_on_block_offload(tmp_path):
-    from turbobooth.manager.model import TurboModel
-    from turbobooth.manager.spec import ModelSpec
+    from turbobooth.manager.spec import ModelSpec, TurboModel
     from turbobooth.manager.tiny import build_tiny_zimage
     from turbobooth.trainer.config import TrainConfig
 

@@ -7,8 +7,7 @@ import os
 import pytest
 import torch
 from turbobooth.manager.errors import InvalidInputError
-from turbobooth.manager.model import TurboModel
-from turbobooth.manager.spec import ModelSpec
+from turbobooth.manager.spec import ModelSpec, TurboModel
 from turbobooth.manager.tiny import build_tiny_zimage
 from turbobooth.trainer import priors
 

@@ -4,7 +4,7 @@ import { fitHeight, setShown } from "./widgets.js";
 
 export const LOADER_TYPE = "TurboBoothLoader";
 
-// Which sources use a widget; mirrors manager/sources.py SOURCE_WIDGETS (tests/test_nodes.py checks it).
+// Which sources use a widget; mirrors manager/spec.py SOURCE_WIDGETS (tests/test_nodes.py checks it).
 // Widgets not listed (source, family, dtype, device, offload, variant) are always shown.
 export const SOURCE_WIDGETS = {
   "diffusers folder": ["diffusers_model"],
