@@ -1,33 +1,30 @@
 """ComfyUI node classes (V1 registration). Thin glue: each node reads its inputs and makes one call."""
 
-from .guidance import TurboGuidance
-from .images import IMAGE_DISPLAY_NAMES, IMAGE_NODES
+from .images import ImageBatch
 from .loader import TurboLoader
-from .sample import TurboSample
+from .sample import TurboGuidance, TurboSample
 
-NODE_CLASS_MAPPINGS = {
-    "TurboBoothLoader": TurboLoader,
-    "TurboBoothGuidance": TurboGuidance,
-    "TurboBoothSample": TurboSample,
-    **IMAGE_NODES,
-}
-
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "TurboBoothLoader": "TurboLoader",
-    "TurboBoothGuidance": "NegativePrompt/CFG",
-    "TurboBoothSample": "TurboSample",
-    **IMAGE_DISPLAY_NAMES,
+#: node id -> (class, the name ComfyUI shows)
+_NODES = {
+    "TurboBoothLoader": (TurboLoader, "TurboLoader"),
+    "TurboBoothGuidance": (TurboGuidance, "NegativePrompt/CFG"),
+    "TurboBoothSample": (TurboSample, "TurboSample"),
+    "TurboBoothImageBatch": (ImageBatch, "ImageBatch"),
 }
 
 try:  # DreamBooth nodes need the trainer; a missing optional dependency only disables them
-    from .training import TRAINING_DISPLAY_NAMES, TRAINING_NODES
+    from .training import CheckpointSave, DreamBoothTrain, PriorImageGen
 
-    NODE_CLASS_MAPPINGS.update(TRAINING_NODES)
-    NODE_DISPLAY_NAME_MAPPINGS.update(TRAINING_DISPLAY_NAMES)
+    _NODES["TurboBoothPriorImageGen"] = (PriorImageGen, "PriorImageGen")
+    _NODES["TurboBoothDreamBoothTrain"] = (DreamBoothTrain, "DreamBoothTrain")
+    _NODES["TurboBoothCheckpointSave"] = (CheckpointSave, "CheckpointSave")
 except ImportError as _e:  # pragma: no cover - depends on the environment
     import logging
 
     logging.getLogger("turbobooth").warning("TurboBooth DreamBooth nodes are disabled: %s", _e)
+
+NODE_CLASS_MAPPINGS = {node_id: cls for node_id, (cls, _) in _NODES.items()}
+NODE_DISPLAY_NAME_MAPPINGS = {node_id: name for node_id, (_, name) in _NODES.items()}
 
 from .routes import register_with_comfyui  # noqa: E402  (the web extension's /turbobooth/ routes)
 

@@ -1,9 +1,10 @@
 """The one adapter between TurboBooth and ComfyUI.
 
-Everything that touches ``comfy``, ``folder_paths`` or ``server`` lives here:
-progress and cancel -> callbacks, IMAGE <-> PIL, model folders, and memory
-sharing with ComfyUI's model management. Every import is guarded, so node
-classes also work (and are tested) without ComfyUI.
+Everything that touches ``comfy``, ``folder_paths`` or ``server`` lives here: progress and cancel -> callbacks,
+IMAGE <-> PIL, model folders, and memory sharing with ComfyUI's model management. Node classes also work (and
+are tested) without ComfyUI. ComfyUI's modules are looked up in ``sys.modules`` (ComfyUI imports them before any
+node runs), not imported: the lookups run on every sampling step, and a failed import outside ComfyUI would
+rescan sys.path each time.
 """
 
 from __future__ import annotations
@@ -22,21 +23,20 @@ logger = get_logger("turbobooth")
 NONE = "(none)"
 
 
-def _loaded(module: str):
-    """ComfyUI's ``module`` if ComfyUI is running (it imports folder_paths, comfy.utils and
-    comfy.model_management before any node runs), else None.
+class Node:
+    """A V1 node class: ``class X(Node, returns={"name": "TYPE", ...}, function="method")`` gives it
+    RETURN_NAMES, RETURN_TYPES and FUNCTION, and the TurboBooth menu unless ``category`` names another."""
 
-    Looked up in sys.modules, not imported: this runs on every sampling step,
-    and a failed import outside ComfyUI would rescan sys.path each time.
-    """
-    return sys.modules.get(module)
+    def __init_subclass__(cls, returns: dict, function: str, category: str = "TurboBooth", **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.CATEGORY, cls.FUNCTION = category, function
+        cls.RETURN_NAMES, cls.RETURN_TYPES = tuple(returns), tuple(returns.values())
 
 
 def _ask(method: str, kind: str) -> list[str]:
-    fp = _loaded("folder_paths")
     try:
-        return list(getattr(fp, method)(kind)) if fp is not None else []
-    except Exception:  # a folder kind this ComfyUI does not know
+        return list(getattr(sys.modules.get("folder_paths"), method)(kind))
+    except Exception:  # outside ComfyUI, or a folder kind this ComfyUI does not know
         return []
 
 
@@ -59,30 +59,15 @@ def full_path(kind: str, name: str) -> str | None:
     return confined(name, folder_roots(kind), f"{kind} file", f"models/{kind}")
 
 
-def diffusers_folders() -> list[str]:
-    """Folders under ComfyUI's models/diffusers that hold a model_index.json."""
-    found = set()
-    for root in folder_roots("diffusers"):
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-            if "model_index.json" in filenames:
-                found.add(os.path.relpath(dirpath, root))
-                dirnames[:] = []
-    return sorted(found)
-
-
 def output_directory() -> str:
-    fp = _loaded("folder_paths")
+    fp = sys.modules.get("folder_paths")
     return fp.get_output_directory() if fp is not None else os.path.abspath("output")
 
 
 def comfy_bundled_tokenizer(family: str) -> str | None:
     """ComfyUI ships the Qwen and CLIP tokenizers; reuse them for split files and single files."""
-    try:
-        import comfy
-    except ImportError:
-        return None
     # comfy.__file__ is None on older ComfyUI (a namespace package); __path__ always names the folder
-    paths = list(getattr(comfy, "__path__", None) or [])
+    paths = list(getattr(sys.modules.get("comfy"), "__path__", None) or [])
     if not paths:
         return None
     p = os.path.join(paths[0], "text_encoders/qwen25_tokenizer" if family == "zimage" else "sd1_tokenizer")
@@ -90,25 +75,23 @@ def comfy_bundled_tokenizer(family: str) -> str | None:
 
 
 def torch_device() -> str:
-    mm = _loaded("comfy.model_management")
-    if mm is not None:
-        return str(mm.get_torch_device())
-    import torch
+    from ..manager.loading import resolve_device
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    mm = sys.modules.get("comfy.model_management")
+    return str(mm.get_torch_device()) if mm is not None else resolve_device("auto")
 
 
 # ---------------------------------------------------------------- progress / cancel
 
 
 def check_interrupt() -> None:
-    mm = _loaded("comfy.model_management")
+    mm = sys.modules.get("comfy.model_management")
     if mm is not None:
         mm.throw_exception_if_processing_interrupted()
 
 
 def interrupted() -> bool:
-    mm = _loaded("comfy.model_management")
+    mm = sys.modules.get("comfy.model_management")
     return mm is not None and bool(mm.processing_interrupted())
 
 
@@ -145,7 +128,7 @@ class Progress:
     def __init__(self, total: int, raise_on_interrupt: bool = True):
         self.total = max(int(total), 1)
         self.raise_on_interrupt = raise_on_interrupt
-        utils = _loaded("comfy.utils")
+        utils = sys.modules.get("comfy.utils")
         self.bar = utils.ProgressBar(self.total) if utils is not None else None
 
     def __call__(self, step: int, total: int, preview=None) -> None:
@@ -154,17 +137,16 @@ class Progress:
         if self.bar is None:
             return
         self.total = total  # the bar takes the new total from update_absolute()
-        pv = preview
         if preview is not None and not isinstance(preview, tuple):
-            pv = ("PNG", preview.convert("RGB") if hasattr(preview, "convert") else preview, 512)
+            preview = ("PNG", preview.convert("RGB") if hasattr(preview, "convert") else preview, 512)
         try:
-            self.bar.update_absolute(step, total, pv)  # it clamps step to total
+            self.bar.update_absolute(step, total, preview)  # it clamps step to total
         except Exception as e:
             # ComfyUI's progress hook raises (and clears) a pending interrupt. Training must save its state
             # first: put the flag back so should_stop() sees it at the end of this step.
             if self.raise_on_interrupt or type(e).__name__ != "InterruptProcessingException":
                 raise
-            _loaded("comfy.model_management").interrupt_current_processing(True)
+            sys.modules.get("comfy.model_management").interrupt_current_processing(True)
 
 
 #: node id -> {"node", "run", "step", "total"} of the DreamBoothTrain runs in progress (GET /turbobooth/active)
@@ -173,7 +155,7 @@ ACTIVE_RUNS: dict[str, dict] = {}
 
 def prompt_server():
     """ComfyUI's running PromptServer, or None outside ComfyUI."""
-    return getattr(getattr(_loaded("server"), "PromptServer", None), "instance", None)
+    return getattr(getattr(sys.modules.get("server"), "PromptServer", None), "instance", None)
 
 
 def send_event(event: str, data: dict) -> None:
@@ -241,20 +223,17 @@ class TrainProgress(Progress):
 
 def image_to_pils(image) -> list:
     """ComfyUI IMAGE [B,H,W,C] 0..1 -> list of PIL RGB images."""
-    import numpy as np
-    from PIL import Image
+    from diffusers.image_processor import VaeImageProcessor
 
-    arr = (image.detach().cpu().float().clamp(0, 1).numpy() * 255.0).round().astype(np.uint8)
-    return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).convert("RGB") for a in arr]
+    return [p.convert("RGB") for p in VaeImageProcessor.numpy_to_pil(image.detach().cpu().float().clamp(0, 1).numpy())]
 
 
 def pils_to_image(pils):
     """List of PIL images (same size) -> ComfyUI IMAGE [B,H,W,3]."""
-    import numpy as np
     import torch
+    from diffusers.image_processor import VaeImageProcessor
 
-    arrs = [np.asarray(p.convert("RGB"), dtype=np.float32) / 255.0 for p in pils]
-    return torch.from_numpy(np.stack(arrs, axis=0))
+    return torch.from_numpy(VaeImageProcessor.pil_to_numpy([p.convert("RGB") for p in pils]))
 
 
 # ---------------------------------------------------------------- memory sharing
@@ -265,7 +244,7 @@ _patchers: dict = {}
 
 def make_room(device: str, nbytes: int) -> None:
     """Ask ComfyUI to free ``nbytes`` (plus headroom) on ``device`` before our weights go there."""
-    mm = _loaded("comfy.model_management")
+    mm = sys.modules.get("comfy.model_management")
     if mm is None or not str(device).startswith("cuda"):
         return
     import torch
@@ -330,7 +309,7 @@ def share_memory(model) -> None:
     memory on the device for it, and when ComfyUI unloads it (the "Free model and node cache" button,
     ``unload_all_models()``, or memory pressure from another model) the TurboModel is released from our cache.
     """
-    mm = _loaded("comfy.model_management")
+    mm = sys.modules.get("comfy.model_management")
     if mm is None:
         return
     import torch

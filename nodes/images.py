@@ -1,10 +1,9 @@
-"""ImageBatch: any number of IMAGE inputs (each an image or a batch) -> one IMAGE batch.
-
-ComfyUI 0.8.0 marks its core ImageBatch deprecated; this one takes up to ``SLOTS`` inputs at once (chain two
-for more), keeps their order, and resizes every image to the first one's size.
-"""
+"""ImageBatch: up to ``SLOTS`` IMAGE inputs (each an image or a batch) -> one IMAGE batch, in order, at the first
+one's size. ComfyUI 0.8.0 marks its core ImageBatch (two inputs) deprecated."""
 
 from __future__ import annotations
+
+from .comfy import Node
 
 SLOTS = 8
 
@@ -15,8 +14,6 @@ def batch_images(images: list):
 
     from ..manager.errors import InvalidInputError
 
-    if not images:
-        raise InvalidInputError("ImageBatch needs at least one image; connect image1")
     out = []
     height, width = images[0].shape[1:3]
     for i, image in enumerate(images):
@@ -30,15 +27,11 @@ def batch_images(images: list):
     return torch.cat(out, dim=0)
 
 
-class ImageBatch:
+class ImageBatch(Node, category="TurboBooth/image", returns={"images": "IMAGE"}, function="batch"):
     DESCRIPTION = (
         f"Joins up to {SLOTS} images or image batches into one batch, in input order (for example the 3-5 subject "
         "photos of DreamBooth). Images of another size are resized to the first one's. Chain two for more."
     )
-    CATEGORY = "TurboBooth/image"
-    RETURN_TYPES = ("IMAGE",)
-    RETURN_NAMES = ("images",)
-    FUNCTION = "batch"
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -50,7 +43,3 @@ class ImageBatch:
     def batch(self, image1, **more):
         given = [more[f"image{i}"] for i in range(2, SLOTS + 1) if more.get(f"image{i}") is not None]
         return (batch_images([image1, *given]),)
-
-
-IMAGE_NODES = {"TurboBoothImageBatch": ImageBatch}
-IMAGE_DISPLAY_NAMES = {"TurboBoothImageBatch": "ImageBatch"}

@@ -14,19 +14,11 @@ import os
 
 from . import comfy as host
 
+NO_STORE = {"Cache-Control": "no-store"}  # the dashboard polls these while a run writes them
+
 
 def training_root() -> str:
     return os.path.join(host.output_directory(), "turbobooth_training")
-
-
-def run_log(run_id: str) -> dict | None:
-    """The JSON body for a run's log, or None (404)."""
-    from ..trainer.runs import PREVIEW, read_step_log, run_path
-
-    steps = read_step_log(training_root(), run_id)
-    if steps is None:
-        return None
-    return {"run": run_id, "steps": steps, "preview": run_path(training_root(), run_id, PREVIEW) is not None}
 
 
 def register(routes) -> None:
@@ -35,10 +27,14 @@ def register(routes) -> None:
 
     @routes.get("/turbobooth/runs/{run_id}/log")
     async def get_run_log(request):
-        body = run_log(request.match_info["run_id"])
-        if body is None:
+        from ..trainer.runs import PREVIEW, read_step_log, run_path
+
+        run_id = request.match_info["run_id"]
+        steps = read_step_log(training_root(), run_id)
+        if steps is None:
             return web.json_response({"error": "unknown run"}, status=404)
-        return web.json_response(body, headers={"Cache-Control": "no-store"})
+        preview = run_path(training_root(), run_id, PREVIEW) is not None
+        return web.json_response({"run": run_id, "steps": steps, "preview": preview}, headers=NO_STORE)
 
     @routes.get("/turbobooth/runs/{run_id}/preview")
     async def get_run_preview(request):
@@ -47,11 +43,11 @@ def register(routes) -> None:
         path = run_path(training_root(), request.match_info["run_id"], PREVIEW)
         if path is None:
             return web.json_response({"error": "no preview"}, status=404)
-        return web.FileResponse(path, headers={"Cache-Control": "no-store"})
+        return web.FileResponse(path, headers=NO_STORE)
 
     @routes.get("/turbobooth/active")
     async def get_active(request):
-        return web.json_response({"runs": list(host.ACTIVE_RUNS.values())}, headers={"Cache-Control": "no-store"})
+        return web.json_response({"runs": list(host.ACTIVE_RUNS.values())}, headers=NO_STORE)
 
 
 def register_with_comfyui() -> bool:

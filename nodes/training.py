@@ -4,23 +4,20 @@ from __future__ import annotations
 
 import os
 
+from ..manager.inputs import MAX_SEED
 from ..trainer.config import MEMORY_CHOICES
 from . import comfy as host
 from .routes import training_root
 
-MAX_SEED = 0xFFFFFFFFFFFFFFFF
+CATEGORY = "TurboBooth/DreamBooth"
 
 
-class PriorImageGen:
+class PriorImageGen(host.Node, category=CATEGORY, returns={"class_images": "IMAGE"}, function="generate"):
     DESCRIPTION = (
         "Class-prior images for DreamBooth prior preservation, generated with the loaded model at its few-step "
         "settings. They are cached on disk by model, prompt, seed, steps, size and guidance: running again reuses "
         "them, and a larger count only generates the missing ones. Connect your own images to use them instead."
     )
-    CATEGORY = "TurboBooth/DreamBooth"
-    RETURN_TYPES = ("IMAGE",)
-    RETURN_NAMES = ("class_images",)
-    FUNCTION = "generate"
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -53,6 +50,7 @@ class PriorImageGen:
         return (host.pils_to_image(images),)
 
 
+# trainer.config.TrainConfig checks every value, NaN and Inf included
 _OPTIONAL_INPUTS = {
     "class_images": ("IMAGE",),
     "validation_prompt": ("STRING", {"default": ""}),
@@ -61,10 +59,8 @@ _OPTIONAL_INPUTS = {
     "batch_size": ("INT", {"default": 1, "min": 1, "max": 64}),
     "gradient_checkpointing": ("BOOLEAN", {"default": False}),
     "mixed_precision": (["no", "auto", "fp16", "bf16"], {"default": "no", "tooltip": "auto: bf16 if the GPU has it."}),
-}
-
-# Real-world training options (trainer.config.TrainConfig checks every value, NaN and Inf included).
-_EXTRA_INPUTS = {
+    "training_adapter": ([host.NONE], {"default": host.NONE,  # INPUT_TYPES lists models/loras on each call
+                         "tooltip": "Z-Image-Turbo: a de-distillation LoRA active only while training."}),
     "memory": (list(MEMORY_CHOICES), {"default": "auto", "tooltip":
                "auto: the fastest plan that fits the GPU's free memory. fp8_checkpointed (12-16 GB) needs the model "
                "loaded with dtype fp8_e4m3fn; bf16_checkpointed fits 24 GB; bf16_offloaded (8 GB, slower) keeps "
@@ -85,17 +81,14 @@ _EXTRA_INPUTS = {
 }
 
 
-class DreamBoothTrain:
+class DreamBoothTrain(host.Node, category=CATEGORY, function="train", returns={
+        "lora": "TURBO_LORA", "model": "TURBO_MODEL", "loss_plot": "IMAGE", "lora_ema": "TURBO_LORA"}):
     DESCRIPTION = (
         "Personalizes the model on 3-5 photos of a subject with DreamBooth (LoRA by default; full fine-tune for "
         "SD1.x). The instance prompt must contain a unique token such as 'sks'. Class images enable prior "
         "preservation. Cancel saves the state; queueing again resumes where it stopped. The cached base model is "
         "never modified."
     )
-    CATEGORY = "TurboBooth/DreamBooth"
-    RETURN_TYPES = ("TURBO_LORA", "TURBO_MODEL", "IMAGE", "TURBO_LORA")
-    RETURN_NAMES = ("lora", "model", "loss_plot", "lora_ema")
-    FUNCTION = "train"
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -114,12 +107,8 @@ class DreamBoothTrain:
                 "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED}),
                 "run_name": ("STRING", {"default": "dreambooth"}),
             },
-            "optional": {
-                **_OPTIONAL_INPUTS,
-                "training_adapter": ([host.NONE] + host.folder_list("loras"), {"default": host.NONE,
-                                     "tooltip": "Z-Image-Turbo: a de-distillation LoRA active only while training."}),
-                **_EXTRA_INPUTS,
-            },
+            "optional": {**_OPTIONAL_INPUTS, "training_adapter": ([host.NONE] + host.folder_list("loras"),
+                                                                  _OPTIONAL_INPUTS["training_adapter"][1])},
             "hidden": {"unique_id": "UNIQUE_ID"},  # the node id the live dashboard's events name
         }
 
@@ -186,17 +175,13 @@ def _train_config(model, w: dict):
     return TrainConfig(**fields)
 
 
-class CheckpointSave:
+class CheckpointSave(host.Node, category=CATEGORY, returns={"path": "STRING"}, function="save"):
     DESCRIPTION = (
         "Saves a trained LoRA (into models/loras, loadable by ComfyUI's LoraLoader and diffusers) or a fully "
         "fine-tuned model (diffusers folder into models/diffusers, or an SD1.x single file into models/checkpoints). "
         "Writes are atomic, names are sanitised and never silently overwrite: they auto-increment unless overwrite "
         "is on."
     )
-    CATEGORY = "TurboBooth/DreamBooth"
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("path",)
-    FUNCTION = "save"
     OUTPUT_NODE = True
 
     @classmethod
@@ -215,7 +200,8 @@ class CheckpointSave:
         }
 
     def save(self, name, model_format, overwrite, lora=None, model=None):
-        from ..manager.export import save_lora, save_model
+        from ..manager.errors import InvalidInputError
+        from ..manager.writers import save_lora, save_model
 
         if lora is not None:
             path = save_lora(lora, _first_root("loras"), name, overwrite=bool(overwrite))
@@ -223,23 +209,9 @@ class CheckpointSave:
             kind = "checkpoints" if model_format.startswith("single") else "diffusers"
             path = save_model(model, _first_root(kind), name, model_format, overwrite=bool(overwrite))
         else:
-            from ..manager.errors import InvalidInputError
-
             raise InvalidInputError("CheckpointSave needs a lora or a model input; connect DreamBoothTrain's output")
         return {"ui": {"text": [path]}, "result": (path,)}
 
 
 def _first_root(kind: str) -> str:
     return (host.folder_roots(kind) or [os.path.join(host.output_directory(), kind)])[0]
-
-
-TRAINING_NODES = {
-    "TurboBoothPriorImageGen": PriorImageGen,
-    "TurboBoothDreamBoothTrain": DreamBoothTrain,
-    "TurboBoothCheckpointSave": CheckpointSave,
-}
-TRAINING_DISPLAY_NAMES = {
-    "TurboBoothPriorImageGen": "PriorImageGen",
-    "TurboBoothDreamBoothTrain": "DreamBoothTrain",
-    "TurboBoothCheckpointSave": "CheckpointSave",
-}

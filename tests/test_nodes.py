@@ -239,11 +239,11 @@ def test_dreambooth_captions_input_is_one_caption_per_image_and_part_of_the_run(
 
 
 def test_web_extension_mirrors_the_loader_sources():
-    """web/loader.js names the widgets of each source as manager/sources.py does, and __init__ serves web/."""
+    """web/loader.js names the widgets of each source as manager/spec.py does, and __init__ serves web/."""
     import json
     import re
 
-    from turbobooth.manager.sources import SOURCE_WIDGETS, SOURCES
+    from turbobooth.manager.spec import SOURCE_WIDGETS, SOURCES
 
     root = os.path.dirname(turbobooth.__file__)
     assert turbobooth.WEB_DIRECTORY == "./web"
