@@ -11,8 +11,7 @@ from PIL import Image
 from turbobooth.manager import lora as L
 from turbobooth.manager import sampling
 from turbobooth.manager.errors import InvalidInputError, WrongFamilyError
-from turbobooth.manager.model import TurboModel
-from turbobooth.manager.spec import ModelSpec
+from turbobooth.manager.spec import ModelSpec, TurboModel
 from turbobooth.manager.tiny import build_tiny_sd1, build_tiny_zimage
 from turbobooth.trainer import loop
 from turbobooth.trainer.config import TrainConfig

@@ -7,8 +7,7 @@ import os
 import pytest
 import torch
 from PIL import Image
-from turbobooth.manager.model import TurboModel
-from turbobooth.manager.spec import ModelSpec
+from turbobooth.manager.spec import ModelSpec, TurboModel
 from turbobooth.manager.tiny import build_tiny_sd1, build_tiny_zimage
 from turbobooth.trainer import cache, loop
 from turbobooth.trainer.config import TrainConfig

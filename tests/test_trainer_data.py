@@ -6,13 +6,13 @@ import pytest
 import torch
 from PIL import Image
 from turbobooth.manager.errors import InvalidInputError
-from turbobooth.manager.model import TurboModel
-from turbobooth.manager.spec import ModelSpec
+from turbobooth.manager.spec import ModelSpec, TurboModel
 from turbobooth.manager.tiny import build_tiny_sd1, build_tiny_zimage
 from turbobooth.trainer import loop
+from turbobooth.trainer.cache import cache_data
 from turbobooth.trainer.config import TrainConfig
 from turbobooth.trainer.data import bucket_size, caption_lines, load_images, prepare_image, with_captions
-from turbobooth.trainer.objective import assemble_batch, cache_data
+from turbobooth.trainer.objective import assemble_batch
 
 
 def _model(family="zimage"):

@@ -9,6 +9,7 @@ attributes (accelerate's forward wrappers), so the base is bit-identical afterwa
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from contextlib import contextmanager
@@ -50,26 +51,22 @@ class ModuleGuard:
             elif hasattr(m, "gradient_checkpointing_disable"):
                 m.gradient_checkpointing_disable()
         for key in set(m.__dict__) - self.attrs:  # e.g. accelerate's wrapped forward, peft's config
-            if key not in ("_parameters", "_buffers", "_modules"):
-                del m.__dict__[key]
+            del m.__dict__[key]
 
 
 def _lora_config(rank: int, alpha: float, targets):
     from peft import LoraConfig
 
-    return LoraConfig(r=int(rank), lora_alpha=float(alpha), target_modules=sorted(set(targets)), lora_dropout=0.0,
-                      init_lora_weights=True, bias="none")
+    # peft's defaults: no dropout, lora_B zero (the new adapter adds nothing at step 0), no bias
+    return LoraConfig(r=int(rank), lora_alpha=float(alpha), target_modules=sorted(set(targets)))
 
 
 def add_trainable_lora(model, config, text_encoder=None) -> None:
-    """The training adapter (if any) plus the trainable ``ADAPTER``; only ``ADAPTER`` gets gradients."""
+    """The training adapter (if any) plus the trainable ``ADAPTER``; only ``ADAPTER`` gets gradients (peft freezes
+    the rest of a module it injects into, and ``activate`` the training adapter)."""
     from peft import inject_adapter_in_model
-    from peft.functional import set_requires_grad
 
     denoiser = model.denoiser
-    denoiser.requires_grad_(False)
-    if text_encoder is not None:
-        text_encoder.requires_grad_(False)
     if config.training_adapter:
         from ..manager.lora import attach, load_lora_file
 
@@ -90,27 +87,23 @@ def add_trainable_lora(model, config, text_encoder=None) -> None:
         # transformers 5's add_adapter wants peft >= 0.22 (not released); peft's own injector does the same
         te_config = _lora_config(config.rank, config.lora_alpha, TE_LORA_TARGETS)
         inject_adapter_in_model(te_config, text_encoder, adapter_name=ADAPTER)
-        set_requires_grad(text_encoder, ADAPTER, True)
     activate(denoiser, with_training_adapter=bool(config.training_adapter))
 
 
-def activate(denoiser, with_training_adapter: bool) -> None:
+def activate(denoiser, with_training_adapter: bool, lora_weight: float = 1.0) -> None:
     """``[TRAINING_ADAPTER, ADAPTER]`` while training, ``[ADAPTER]`` for previews; the training adapter stays frozen."""
     from peft.functional import set_requires_grad
 
+    names = [TRAINING_ADAPTER, ADAPTER] if with_training_adapter else [ADAPTER]
+    denoiser.set_adapters(names, [1.0] * (len(names) - 1) + [lora_weight])  # peft makes active adapters trainable
     if with_training_adapter:
-        denoiser.set_adapters([TRAINING_ADAPTER, ADAPTER])
         set_requires_grad(denoiser, TRAINING_ADAPTER, False)
-    else:
-        denoiser.set_adapters([ADAPTER])
-    set_requires_grad(denoiser, ADAPTER, True)
 
 
 @contextmanager
 def lora_off(denoiser, with_training_adapter: bool):
     """ADAPTER at weight 0 for the ``with`` block (its output then adds exactly nothing), then as in training."""
-    names = [TRAINING_ADAPTER, ADAPTER] if with_training_adapter else [ADAPTER]
-    denoiser.set_adapters(names, [1.0] * (len(names) - 1) + [0.0])
+    activate(denoiser, with_training_adapter, lora_weight=0.0)
     try:
         yield
     finally:
@@ -128,13 +121,12 @@ def export_lora(model, config, text_encoder, metadata: dict, name: str):
 
     from ..manager.lora import TurboLora
 
-    def cpu(sd):
-        return {k: v.detach().to("cpu").clone() for k, v in sd.items()}
+    def weights(module):  # CPU copies: the run goes on changing the live ones
+        state = get_peft_model_state_dict(module, adapter_name=ADAPTER)
+        return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
-    sd = cpu(get_peft_model_state_dict(model.denoiser, adapter_name=ADAPTER))
-    te = cpu(get_peft_model_state_dict(text_encoder, adapter_name=ADAPTER)) if text_encoder is not None else None
-    lora = TurboLora.from_peft(model.family, sd, config.lora_alpha, text_encoder_state_dict=te, metadata=metadata,
-                               name=name)
+    te = weights(text_encoder) if text_encoder is not None else None
+    lora = TurboLora.from_peft(model.family, weights(model.denoiser), config.lora_alpha, te, metadata, name)
     lora.check_finite()
     return lora
 
@@ -166,9 +158,8 @@ def metadata(model, config, step: int) -> dict:
 def finetuned_pipeline(pipe, unet, text_encoder=None):
     from diffusers import StableDiffusionPipeline
 
-    parts = {**pipe.components, "unet": unet}
-    if text_encoder is not None:
-        parts["text_encoder"] = text_encoder
+    te = pipe.text_encoder if text_encoder is None else text_encoder
+    parts = {**pipe.components, "unet": unet, "text_encoder": te}
     new = StableDiffusionPipeline(**parts, requires_safety_checker=False)
     new.set_progress_bar_config(disable=True)
     return new
@@ -178,26 +169,26 @@ def finetuned_model(base, pipe, meta: dict):
     import hashlib
     import json
 
-    from ..manager.model import TurboModel
+    from ..manager.spec import TurboModel
 
     tag = hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    return TurboModel(spec=base.spec, family=base.family, pipe=pipe, identity=f"{base.identity}|finetune:{tag}",
-                      device=base.device, nbytes=base.nbytes, extras={"finetune": meta})
+    identity = f"{base.identity}|finetune:{tag}"
+    return TurboModel(base.spec, base.family, pipe, identity, base.device, base.nbytes, extras={"finetune": meta})
 
 
 def no_trainable(config) -> InvalidInputError:
     return InvalidInputError(f"no trainable parameters: none of {config.targets} exist in the denoiser")
 
 
-_warned_turbo = False
-
-
 def warn_turbo(family: str, config) -> None:
     """Once per process: training straight on Z-Image-Turbo erodes its few-step quality."""
-    global _warned_turbo
-    if family == "zimage" and not config.training_adapter and not _warned_turbo:
-        _warned_turbo = True
-        logger.warning(
-            "training a LoRA directly on Z-Image-Turbo erodes its few-step quality; set training_adapter to a "
-            "de-distillation LoRA, or train on a de-turbo/base checkpoint"
-        )
+    if family == "zimage" and not config.training_adapter:
+        _warn_turbo_once()
+
+
+@functools.cache
+def _warn_turbo_once() -> None:
+    logger.warning(
+        "training a LoRA directly on Z-Image-Turbo erodes its few-step quality; set training_adapter to a "
+        "de-distillation LoRA, or train on a de-turbo/base checkpoint"
+    )

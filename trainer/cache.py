@@ -1,12 +1,14 @@
-"""Latents and prompt embeddings kept on disk (``cache_to_disk``): a resumed or re-queued run skips the encoders.
+"""The encoders' part of the training data: VAE latents of the images and the frozen text encoder's prompt
+embeddings (token ids when the text encoder is trained), in memory or also on disk (``cache_to_disk``, so a
+resumed or re-queued run skips the encoders).
 
 The file is ``<run folder>/data_cache.safetensors``: one tensor per image latent (``instance.<i>``, ``class.<i>``)
-and per prompt embedding (``embed.<j>``), named as :func:`~.objective.tensor_names` names them. Its metadata
-holds a key built the way the run folder's name is (:func:`~.runs.run_folder`: the model identity and the image
-pixels, whose sizes are the buckets) plus the prompts (captions with the trigger applied), the encoders' dtypes,
-the device type and the VAE's latent scaling, and a SHA-256 of the tensor bytes. A file with another key, missing
-tensors or other bytes is ignored with one warning and written again. Writes go through
-:func:`~turbobooth.manager.paths.atomic_file`: the file is whole or absent.
+and per prompt embedding (``embed.<j>``). Its metadata holds a key built the way the run folder's name is
+(:func:`~.runs.run_folder`: the model identity and the image pixels, whose sizes are the buckets) plus the
+prompts (captions with the trigger applied), the encoders' dtypes, the device type and the VAE's latent scaling,
+and a SHA-256 of the tensor bytes. A file with another key, missing tensors or other bytes is ignored with one
+warning and written again. Writes go through :func:`~turbobooth.manager.paths.atomic_file`: the file is whole
+or absent.
 """
 
 from __future__ import annotations
@@ -15,14 +17,61 @@ import hashlib
 import json
 import os
 from collections.abc import Callable
+from typing import Any
 
-from ..manager.errors import TurboBoothError, get_logger
+from ..manager.errors import Interrupted, TurboBoothError, get_logger
+from ..manager.families import defaults_for
 from . import objective as O
 
 logger = get_logger(__name__)
 
 CACHE_FILE = "data_cache.safetensors"
 _FORMAT = "1"
+
+
+def _check_stop(should_stop: Callable[[], bool] | None, what: str) -> None:
+    if should_stop is not None and should_stop():
+        raise Interrupted(f"training stopped while {what}; nothing was trained yet. Queue it again to start")
+
+
+def _batched(latents: list) -> Any:
+    """[N, C, h, w] when every image is in one bucket, else the list of [C, h, w] tensors."""
+    import torch
+
+    return torch.stack(latents) if len({tuple(t.shape) for t in latents}) == 1 else latents
+
+
+def _encode_latents(pipe, family: str, images: list, device, should_stop: Callable[[], bool] | None = None) -> Any:
+    """The images' latents (frozen VAE, the family's shift and scale), :func:`_batched`."""
+    import numpy as np
+    import torch
+
+    vae = pipe.vae
+    out = []
+    with torch.no_grad():
+        for img in images:
+            _check_stop(should_stop, "caching image latents")
+            arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0  # RGB 0..255 -> -1..1
+            px = torch.from_numpy(arr).permute(2, 0, 1).contiguous().unsqueeze(0).to(device=device, dtype=vae.dtype)
+            lat = vae.encode(px).latent_dist.mode().float()
+            if family == "zimage":
+                lat = (lat - vae.config.shift_factor) * vae.config.scaling_factor
+            else:
+                lat = lat * vae.config.scaling_factor
+            out.append(lat[0].cpu())
+    return _batched(out)
+
+
+def _encode_prompt(pipe, family: str, prompt: str, device):
+    import torch
+
+    with torch.no_grad():
+        if family == "zimage":
+            max_len = defaults_for("zimage").max_sequence_length
+            emb, _ = pipe.encode_prompt([prompt], device, False, max_sequence_length=max_len)
+        else:
+            emb, _ = pipe.encode_prompt(prompt, device, 1, False)
+    return emb[0].float().cpu()
 
 
 def cache_key(pipe, identity: str, family: str, device, data: O.TrainData, instance: list, class_data) -> str:
@@ -118,19 +167,45 @@ def train_data(
     folder: str | None = None,
     write: bool = True,
 ) -> O.TrainData:
-    """:func:`~.objective.cache_data`, read from ``folder``'s cache file when it matches; else encoded and, when
-    ``write``, saved there. ``folder=None``: in memory only."""
-    n_class = None if class_data is None else len(class_data)
-    if folder is None:
-        return O.cache_data(pipe, family, config, instance, class_data, device, should_stop)
+    """The run's :class:`~.objective.TrainData` with its tensors: read from ``folder``'s cache file when it
+    matches, else encoded and, when ``write``, saved there. ``folder=None``: in memory only."""
     data = O.plan_prompts(config, instance, class_data)
-    path = os.path.join(folder, CACHE_FILE)
-    key = cache_key(pipe, identity, family, device, data, instance, class_data)
-    tensors = load(path, key, O.tensor_names(config, data, len(instance), n_class or 0))
-    if tensors is None:
-        tensors = O.encode_data(pipe, family, config, data, instance, class_data, device, should_stop)
-        if write:
-            save(path, key, tensors)
-    else:
+    images = {"instance": instance, "class": class_data or []}
+    prompts = [] if config.train_text_encoder else data.prompts  # a trained text encoder runs every step
+    counts = {"instance": len(instance), "class": len(class_data or []), "embed": len(prompts)}
+    names = [f"{what}.{i}" for what, n in counts.items() for i in range(n)]
+    path = key = tensors = None
+    if folder is not None:
+        path = os.path.join(folder, CACHE_FILE)
+        key = cache_key(pipe, identity, family, device, data, instance, class_data)
+        tensors = load(path, key, names)
+    if tensors is not None:
         logger.info("read the cached latents and prompt embeddings from %s", path)
-    return O.fill_data(pipe, config, data, tensors, len(instance), n_class)
+    else:
+        tensors = {}
+        for what, items in images.items():
+            latents = _encode_latents(pipe, family, [t.image for t in items], device, should_stop)
+            tensors.update({f"{what}.{i}": t for i, t in enumerate(latents)})
+        for j, p in enumerate(prompts):
+            _check_stop(should_stop, "encoding prompts")
+            tensors[f"embed.{j}"] = _encode_prompt(pipe, family, p, device)
+        if folder is not None and write:
+            save(path, key, tensors)
+    stored = {what: [tensors[f"{what}.{i}"] for i in range(n)] for what, n in counts.items()}
+    data.inst_latents = _batched(stored["instance"])
+    data.class_latents = None if class_data is None else _batched(stored["class"])
+    data.embeds = stored["embed"]
+    if config.train_text_encoder:
+        tok = pipe.tokenizer
+        ids = tok(
+            data.prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+        )
+        data.ids = list(ids.input_ids)
+    return data
+
+
+def cache_data(
+    pipe, family: str, config, instance: list, class_data, device, should_stop: Callable[[], bool] | None = None
+) -> O.TrainData:
+    """:func:`train_data` in memory only."""
+    return train_data(pipe, family, "", config, instance, class_data, device, should_stop)

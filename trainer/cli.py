@@ -18,18 +18,22 @@ from ..manager.errors import TurboBoothError, get_logger
 logger = get_logger(__name__)
 
 EXIT_OK, EXIT_ERROR, EXIT_STOPPED = 0, 2, 3
+# The TrainConfig settings a flag overrides: what the flag's value is, and what its help adds.
+_OVERRIDES = {
+    "output_dir": ({}, ""),
+    "resume": ({}, " ('latest' or a checkpoint folder)"),
+    "steps": ({"type": int}, ""),
+    "cache_to_disk": ({"action": argparse.BooleanOptionalAction}, ": keep the latents and prompt embeddings in "
+                      "output_dir so that a resumed run skips the VAE and text encoder"),
+}
 
 
 def _parser() -> argparse.ArgumentParser:
     t = argparse.ArgumentParser(prog="turbobooth train",
                                 description="train a DreamBooth LoRA (or SD1.x full fine-tune) from a config file")
     t.add_argument("--config", required=True, help="YAML or JSON TrainConfig file")
-    t.add_argument("--output-dir", help="override output_dir")
-    t.add_argument("--resume", help="override resume ('latest' or a checkpoint folder)")
-    t.add_argument("--steps", type=int, help="override steps")
-    t.add_argument("--cache-to-disk", action=argparse.BooleanOptionalAction, default=None,
-                   help="override cache_to_disk: keep the latents and prompt embeddings in output_dir so that a "
-                        "resumed run skips the VAE and text encoder")
+    for name, (kind, more) in _OVERRIDES.items():
+        t.add_argument("--" + name.replace("_", "-"), default=None, help=f"override {name}{more}", **kind)
     t.add_argument("--lora-name", default="lora", help="file name (without .safetensors) of the saved LoRA")
     t.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: the local GPU, else cpu)")
     t.add_argument("-v", "--verbose", action="store_true")
@@ -59,29 +63,17 @@ def run_train(args) -> int:
     from .config import TrainConfig
     from .loop import train
 
-    cfg = TrainConfig.load(args.config)
-    changes = {}
-    if args.output_dir:
-        changes["output_dir"] = args.output_dir
-    if args.resume:
-        changes["resume"] = args.resume
-    if args.steps:
-        changes["steps"] = args.steps
-    if args.cache_to_disk is not None:
-        changes["cache_to_disk"] = args.cache_to_disk
-    if changes:
-        cfg = cfg.replace(**changes)
+    overrides = {k: getattr(args, k) for k in _OVERRIDES if getattr(args, k) is not None}
+    cfg = TrainConfig.load(args.config).replace(**overrides)
     if not cfg.model_source:
         raise TurboBoothError("the config needs model_source: a diffusers model folder (or Hugging Face repo id)")
     if not cfg.instance_data_dir:
         raise TurboBoothError("the config needs instance_data_dir: a folder with the subject's photos")
-    base = os.path.dirname(os.path.abspath(args.config))
-    source = cfg.model_source if os.path.isabs(cfg.model_source) or not os.path.exists(
-        os.path.join(base, cfg.model_source)) else os.path.join(base, cfg.model_source)
+    beside = os.path.join(os.path.dirname(os.path.abspath(args.config)), cfg.model_source)  # as given when absolute
+    source = beside if os.path.exists(beside) else cfg.model_source
     model = load_pipeline_model(source, cfg.family, cfg.model_revision, _device(args.device))
     result = train(model, cfg, cfg.instance_data_dir)
-    rank = int(os.environ.get("RANK", 0))
-    if rank == 0:
+    if int(os.environ.get("RANK", 0)) == 0:
         out = os.path.abspath(cfg.output_dir)
         if result.lora is not None:
             path = save_lora_file(result.lora, os.path.join(out, f"{args.lora_name}.safetensors"))

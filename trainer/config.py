@@ -9,24 +9,23 @@ an error that names the key, so a misspelling is never silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
+import importlib.util
 import json
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from ..manager.errors import InvalidInputError, check_choices
 from ..manager.families import FAMILIES
 from ..manager.paths import atomic_file
+from .memory import PLANS
 
-MIXED_PRECISION = ("auto", "no", "fp16", "bf16")  # auto: bf16 where the device has it, else fp32
-LR_SCHEDULERS = ("constant", "cosine", "linear")
-TRAIN_MODES = ("lora", "full")
-# trainer.memory.PLANS
-MEMORY_CHOICES = ("auto", "none", "fast", "bf16_checkpointed", "fp8_checkpointed", "bf16_offloaded")
-TIMESTEP_SAMPLING = ("uniform", "logit_normal", "shifted")
-OPTIMIZERS = ("adamw", "adamw8bit")
+MEMORY_CHOICES = ("auto", "none", *PLANS)
 # Fields that do not change the training trajectory; a checkpoint made with other values still resumes.
 _NON_TRAJECTORY = frozenset(
     {
@@ -54,8 +53,9 @@ _NON_TRAJECTORY = frozenset(
 
 
 SEED_MAX = 2**64 - 1
-_CHOICES = {"family": tuple(FAMILIES), "mixed_precision": MIXED_PRECISION, "lr_scheduler": LR_SCHEDULERS,
-            "train_mode": TRAIN_MODES, "optimizer": OPTIMIZERS, "timestep_sampling": TIMESTEP_SAMPLING,
+_CHOICES = {"family": tuple(FAMILIES), "mixed_precision": ("auto", "no", "fp16", "bf16"),
+            "lr_scheduler": ("constant", "cosine", "linear"), "train_mode": ("lora", "full"),
+            "optimizer": ("adamw", "adamw8bit"), "timestep_sampling": ("uniform", "logit_normal", "shifted"),
             "memory": MEMORY_CHOICES}
 
 
@@ -134,8 +134,7 @@ class TrainConfig:
         for name in ("lora_targets", "captions"):
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
-        _check_types(self)
-        _check_rules(self)
+        _check(self)
 
     # -- derived values -------------------------------------------------------------------
 
@@ -181,8 +180,6 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            import difflib
-
             hints = []
             for key in unknown:
                 close = difflib.get_close_matches(key, known, n=1)
@@ -202,14 +199,10 @@ class TrainConfig:
         return cls.from_dict(data)
 
     def to_yaml(self) -> str:
-        import yaml
-
         return yaml.safe_dump(self.to_dict(), sort_keys=True)
 
     @classmethod
     def from_yaml(cls, text: str) -> TrainConfig:
-        import yaml
-
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
@@ -236,11 +229,8 @@ def _text(value) -> bool:
 
 # Integer settings whose range is not ">= 1": (lowest, highest or None, what the values mean).
 _INT_RANGES = {
-    "lr_warmup_steps": (0, None, ""),
-    "checkpoint_every": (0, None, ""),
-    "validation_every": (0, None, ""),
-    "seed": (0, SEED_MAX, ""),
-    "validation_seed": (0, SEED_MAX, ""),
+    **dict.fromkeys(("lr_warmup_steps", "checkpoint_every", "validation_every"), (0, None, "")),
+    **dict.fromkeys(("seed", "validation_seed"), (0, SEED_MAX, "")),
     "offload_blocks": (0, None, ": 0 = off, N = transformer blocks kept on the GPU at a time while the other "
                        "blocks' frozen weights wait on the CPU (1 = the least memory)"),
 }
@@ -286,15 +276,19 @@ _COMBINATIONS = (
     (lambda c: c.offload_blocks and c.family != "zimage",
      "offload_blocks={c.offload_blocks} offloads Z-Image's transformer blocks; {label} trains without it: set "
      "offload_blocks=0"),
+    (lambda c: c.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None,
+     "optimizer='adamw8bit' needs the bitsandbytes package, which is not installed; install it (pip install "
+     "bitsandbytes) or use optimizer='adamw'"),
 )
 
 
-def _check_types(cfg: TrainConfig) -> None:
-    """From each field's type: integers in range, floats finite numbers (NaN and Inf are refused)."""
+def _check(cfg: TrainConfig) -> None:
+    """Types first (integers in range, floats finite: NaN and Inf are refused), then the rules and combinations."""
     step = FAMILIES[cfg.family].size_multiple
+    optional = {f.name for f in fields(cfg) if str(f.type).endswith("| None")}
     for f in fields(cfg):
         value, kind = getattr(cfg, f.name), str(f.type)
-        if value is None and kind.endswith("| None"):
+        if value is None and f.name in optional:
             continue
         if kind.startswith("int"):
             low, high, means = (step, None, "") if f.name == "resolution" else _INT_RANGES.get(f.name, (1, None, ""))
@@ -312,10 +306,6 @@ def _check_types(cfg: TrainConfig) -> None:
             f"resolution={cfg.resolution} must be a multiple of {step} for {FAMILIES[cfg.family].label}; "
             f"try {max(step, cfg.resolution // step * step)}"
         )
-
-
-def _check_rules(cfg: TrainConfig) -> None:
-    optional = {f.name for f in fields(cfg) if str(f.type).endswith("| None")}
     for names, allowed, text in _RULES:
         for name in names:
             value = getattr(cfg, name)
@@ -324,11 +314,3 @@ def _check_rules(cfg: TrainConfig) -> None:
     for refused, message in _COMBINATIONS:
         if refused(cfg):
             raise InvalidInputError(message.format(c=cfg, label=FAMILIES[cfg.family].label))
-    if cfg.optimizer == "adamw8bit":
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError as e:
-            raise InvalidInputError(
-                "optimizer='adamw8bit' needs the bitsandbytes package, which is not installed; "
-                "install it (pip install bitsandbytes) or use optimizer='adamw'"
-            ) from e

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..manager.errors import InvalidInputError, get_logger
@@ -28,34 +29,28 @@ class TrainImage:
     source: str = ""
 
 
-def _to_pil_list(images) -> list[tuple[Any, str]]:
+def _to_pil_list(images) -> list:
     """Accept PIL images, a [B,H,W,C] 0..1 tensor / numpy array, or a list mixing those."""
+    import numpy as np
     from PIL import Image
 
     if images is None:
         return []
-    if hasattr(images, "shape") and len(getattr(images, "shape", ())) == 4:
+    if len(getattr(images, "shape", ())) == 4:
         images = list(images)
     out = []
     for i, item in enumerate(images):
-        if isinstance(item, Image.Image):
-            out.append((item, f"image {i}"))
-            continue
         if hasattr(item, "detach"):
             item = item.detach().to("cpu").float().numpy()
-        if hasattr(item, "shape"):
-            import numpy as np
-
-            arr = np.asarray(item)
-            if arr.ndim == 3 and arr.shape[-1] in (1, 3, 4):
-                arr = np.clip(arr * 255.0 + 0.5, 0, 255).astype("uint8")
-                if arr.shape[-1] == 1:
-                    arr = arr[..., 0]
-                out.append((Image.fromarray(arr), f"image {i}"))
-                continue
-        raise InvalidInputError(
-            f"image {i} is a {type(item).__name__}; give PIL images or an IMAGE tensor of shape [B,H,W,C]"
-        )
+        if not isinstance(item, Image.Image):
+            arr = np.asarray(item) if hasattr(item, "shape") else None
+            if arr is None or arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4):
+                raise InvalidInputError(
+                    f"image {i} is a {type(item).__name__}; give PIL images or an IMAGE tensor of shape [B,H,W,C]"
+                )
+            arr = np.clip(arr * 255.0 + 0.5, 0, 255).astype("uint8")
+            item = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+        out.append(item)
     return out
 
 
@@ -76,23 +71,13 @@ def _from_folder(folder: str) -> list[tuple[Any, str, str | None]]:
             logger.warning("skipping unreadable image %s: %s", path, e)
             continue
         txt = os.path.splitext(path)[0] + ".txt"
-        out.append((img, path, read_caption(txt) if os.path.isfile(txt) else None))
+        try:  # an empty caption file is no caption
+            caption = (Path(txt).read_text(encoding="utf-8").strip() or None) if os.path.isfile(txt) else None
+        except UnicodeDecodeError as e:
+            raise InvalidInputError(
+                f"caption file {txt!r} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+        out.append((img, path, caption))
     return out
-
-
-def to_rgb(img, label: str = "image"):
-    """Convert any PIL mode to RGB; transparency is composited onto white. Warns when converting."""
-    from PIL import Image
-
-    if img.mode == "RGB":
-        return img
-    logger.warning("%s is %s, not RGB; converting it to RGB", label, img.mode)
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGB", rgba.size, (255, 255, 255))
-        background.paste(rgba, mask=rgba.split()[-1])
-        return background
-    return img.convert("RGB")
 
 
 def bucket_size(width: int, height: int, resolution: int, multiple: int) -> tuple[int, int]:
@@ -107,10 +92,18 @@ def bucket_size(width: int, height: int, resolution: int, multiple: int) -> tupl
 
 def prepare_image(img, resolution: int, center_crop: bool = True, label: str = "image", multiple: int = 8):
     """RGB at the training size: a ``resolution`` square (centre crop), or, without ``center_crop``, the image's
-    aspect-ratio bucket, downscaled to cover it and trimmed by at most a few pixels to the bucket's multiple."""
+    aspect-ratio bucket, downscaled to cover it and trimmed by at most a few pixels to the bucket's multiple.
+    Other modes than RGB are converted with a warning; transparency is composited onto white."""
     from PIL import Image
 
-    img = to_rgb(img, label)
+    if img.mode != "RGB":
+        logger.warning("%s is %s, not RGB; converting it to RGB", label, img.mode)
+        if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+            rgba = img.convert("RGBA")
+            img = Image.new("RGB", rgba.size, (255, 255, 255))
+            img.paste(rgba, mask=rgba.split()[-1])
+        else:
+            img = img.convert("RGB")
     w, h = img.size
     tw, th = (resolution, resolution) if center_crop else bucket_size(w, h, resolution, multiple)
     scale = max(tw / w, th / h)
@@ -119,16 +112,6 @@ def prepare_image(img, resolution: int, center_crop: bool = True, label: str = "
         img = img.resize((nw, nh), Image.Resampling.BICUBIC)
     left, top = (nw - tw) // 2, (nh - th) // 2
     return img.crop((left, top, left + tw, top + th))
-
-
-def read_caption(path: str) -> str | None:
-    """The caption in ``path`` (UTF-8 text), or None when it is empty."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read().strip() or None
-    except UnicodeDecodeError as e:
-        raise InvalidInputError(
-            f"caption file {path!r} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
 
 
 def apply_trigger(caption: str, trigger: str, source: str) -> str:
@@ -163,12 +146,13 @@ def with_captions(images: list[TrainImage], captions) -> list[TrainImage]:
 def load_images(images_or_folder, resolution: int, center_crop: bool = True, what: str = "instance",
                 multiple: int = 8) -> list[TrainImage]:
     """Load training images from PIL images / an IMAGE tensor / a folder (``.txt`` captions beside images)."""
-    if isinstance(images_or_folder, (str, os.PathLike)):
-        raw = _from_folder(os.fspath(images_or_folder))
+    folder = os.fspath(images_or_folder) if isinstance(images_or_folder, (str, os.PathLike)) else None
+    if folder is not None:
+        raw = _from_folder(folder)
     else:
-        raw = [(img, label, None) for img, label in _to_pil_list(images_or_folder)]
+        raw = [(img, f"image {i}", None) for i, img in enumerate(_to_pil_list(images_or_folder))]
     if not raw:
-        where = f" in {os.fspath(images_or_folder)!r}" if isinstance(images_or_folder, (str, os.PathLike)) else ""
+        where = "" if folder is None else f" in {folder!r}"
         raise InvalidInputError(f"no {what} images{where}: DreamBooth needs 3-5 photos of the subject")
     sizes = {img.size for img, _, _ in raw}
     if len(sizes) > 1:
@@ -192,25 +176,15 @@ def class_train_images(model, cfg, output_dir: str, accelerator, class_images=No
         if class_images is not None:
             logger.warning("class images were given but with_prior_preservation is off; they are not used")
         return None
-    if class_images is not None:
-        return load_images(class_images, cfg.resolution, cfg.center_crop, what="class", multiple=multiple)
-    root = cfg.class_data_dir or os.path.join(output_dir, "class_images")
-    cache = priors.PriorCache(model, cfg.class_prompt, seed=cfg.seed, width=cfg.resolution, height=cfg.resolution,
-                              steps=cfg.class_steps, guidance=cfg.class_guidance, root=root)
-    if accelerator.is_main_process:
-        cache.ensure(cfg.num_class_images, should_stop=should_stop)
-    accelerator.wait_for_everyone()
-    return load_images(cache.load(cfg.num_class_images), cfg.resolution, cfg.center_crop, what="class",
-                       multiple=multiple)
-
-
-def pil_to_tensor(img):
-    """PIL RGB -> float tensor [3,H,W] in [-1, 1]."""
-    import numpy as np
-    import torch
-
-    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+    if class_images is None:
+        root = cfg.class_data_dir or os.path.join(output_dir, "class_images")
+        cache = priors.PriorCache(model, cfg.class_prompt, seed=cfg.seed, width=cfg.resolution,
+                                  height=cfg.resolution, steps=cfg.class_steps, guidance=cfg.class_guidance, root=root)
+        if accelerator.is_main_process:
+            cache.ensure(cfg.num_class_images, should_stop=should_stop)
+        accelerator.wait_for_everyone()
+        class_images = cache.load(cfg.num_class_images)
+    return load_images(class_images, cfg.resolution, cfg.center_crop, what="class", multiple=multiple)
 
 
 def unique_words(instance_prompt: str, class_prompt: str = "") -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from contextlib import contextmanager
+from pathlib import Path
 
 from ..manager.errors import InvalidInputError
 
@@ -41,16 +42,14 @@ def register_hooks(accelerator, ema) -> list:
             state = ema.state_dict()
             shadow = state.pop("shadow_params")
             save_file({f"shadow.{i}": t.contiguous() for i, t in enumerate(shadow)}, os.path.join(folder, SHADOW))
-            with open(os.path.join(folder, "ema.json"), "w", encoding="utf-8") as f:
-                json.dump(state, f)
+            Path(folder, "ema.json").write_text(json.dumps(state), encoding="utf-8")
 
     def load_hook(models, folder):
         path = os.path.join(folder, SHADOW)
         if not os.path.isfile(path):
             raise InvalidInputError(f"checkpoint {folder!r} has no EMA weights; it was made with ema_decay off")
         shadow = load_file(path)
-        with open(os.path.join(folder, "ema.json"), encoding="utf-8") as f:
-            state = json.load(f)
+        state = json.loads(Path(folder, "ema.json").read_text(encoding="utf-8"))
         ema.load_state_dict({**state, "shadow_params": [shadow[f"shadow.{i}"] for i in range(len(shadow))]})
 
     return [accelerator.register_save_state_pre_hook(save_hook), accelerator.register_load_state_pre_hook(load_hook)]

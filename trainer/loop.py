@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from .cache import _encode_latents, _encode_prompt  # noqa: F401  (reached through this module)
 from .config import TrainConfig
-from .objective import _encode_latents, _encode_prompt, _Objective  # noqa: F401  (reached through this module)
+from .objective import _Objective  # noqa: F401  (likewise)
 from .run import Run, TrainResult
 
 

@@ -2,9 +2,9 @@
 
 A plan is a set of options, each of which can also be set alone in TrainConfig:
 
-* ``quantize_base``: the frozen denoiser stored in 8 bits (fp8) with bf16 compute, each layer cast as it runs (manager.loading.store_weights).
-  It comes from TurboLoader (dtype ``fp8_e4m3fn``): the cached base is shared and never quantized behind
-  the user's back, so a plan that needs it asks for that load instead;
+* ``quantize_base``: the frozen denoiser stored in 8 bits (fp8) with bf16 compute, each layer cast as it runs
+  (manager.loading.store_weights). It comes from TurboLoader (dtype ``fp8_e4m3fn``): the cached base is shared
+  and never quantized behind the user's back, so a plan that needs it asks for that load instead;
 * ``gradient_checkpointing``: each block's activations are recomputed in backward instead of kept;
 * ``optimizer="adamw8bit"``: bitsandbytes' 8-bit AdamW states;
 * ``offload_encoders``: the VAE and the text encoder leave the GPU once latents and embeddings are cached,
@@ -83,28 +83,14 @@ def shape_of(transformer_config: dict, rank: int, targets: tuple, encoder_params
     from accelerate import init_empty_weights
     from diffusers import ZImageTransformer2DModel
 
-    cfg = {k: v for k, v in transformer_config.items() if not k.startswith("_")}
     with init_empty_weights():
-        model = ZImageTransformer2DModel.from_config(cfg)
-    lora = 0
-    for name, module in model.named_modules():
-        if hasattr(module, "in_features") and any(name.endswith(t) for t in targets):
-            lora += rank * (module.in_features + module.out_features)
-    ffn = model.layers[0].feed_forward.w1.out_features
-    blocks = int(cfg["n_layers"]) + 2 * int(cfg["n_refiner_layers"])
+        model = ZImageTransformer2DModel.from_config(transformer_config)
+    lora = sum(rank * (m.in_features + m.out_features) for name, m in model.named_modules()
+               if hasattr(m, "in_features") and any(name.endswith(t) for t in targets))
+    cfg = model.config
     in_blocks = sum(p.numel() for c in model.children() if isinstance(c, torch.nn.ModuleList) for p in c.parameters())
-    return Shape(sum(p.numel() for p in model.parameters()), blocks, int(cfg["n_refiner_layers"]), int(cfg["dim"]), ffn,
-                 lora, encoder_params, in_blocks)
-
-
-def resident_params(plan: Plan, shape: Shape) -> int:
-    """Denoiser parameters on the device: all of them, or with ``offload_blocks`` N those outside the blocks
-    plus one group of N blocks (the largest group: N main blocks at most)."""
-    if not plan.offload_blocks:
-        return shape.denoiser_params
-    per_block = shape.block_params // shape.blocks
-    main = shape.blocks - 2 * shape.refiners
-    return shape.denoiser_params - shape.block_params + min(plan.offload_blocks, main) * per_block
+    return Shape(model.num_parameters(), cfg.n_layers + 2 * cfg.n_refiner_layers, cfg.n_refiner_layers, cfg.dim,
+                 model.layers[0].feed_forward.w1.out_features, lora, encoder_params, in_blocks)
 
 
 def estimate(plan: Plan, shape: Shape, resolution: int, batch: int) -> dict:
@@ -112,14 +98,17 @@ def estimate(plan: Plan, shape: Shape, resolution: int, batch: int) -> dict:
     image, caption = batch * (resolution // 16) ** 2, batch * CAPTION_TOKENS
     main = shape.blocks - 2 * shape.refiners
     # main blocks see image + caption tokens, noise refiners the image, context refiners the caption
-    block_tokens = main * (image + caption) + shape.refiners * (image + caption)
+    block_tokens = (main + shape.refiners) * (image + caption)
     per_token = (ACT_DIM * shape.dim + ACT_FFN * shape.ffn) * 2
     if plan.gradient_checkpointing:
         activations = block_tokens * shape.dim * 2 + (image + caption) * per_token
     else:
         activations = block_tokens * per_token
     activations += (image + caption) * BACKWARD_DIM * shape.dim * 2
-    weights = resident_params(plan, shape) * (1 if plan.quantize_base else 2)
+    resident = shape.denoiser_params  # with offload_blocks N: those outside the blocks and N blocks (N main at most)
+    if plan.offload_blocks:
+        resident += min(plan.offload_blocks, main) * (shape.block_params // shape.blocks) - shape.block_params
+    weights = resident * (1 if plan.quantize_base else 2)
     if plan.quantize_base:  # the per-layer cast keeps the running block's bf16 copy for backward
         weights += 2 * shape.denoiser_params // (shape.blocks if plan.gradient_checkpointing else 1)
     parts = {
@@ -161,24 +150,19 @@ def choose(free_bytes: float | None, shape: Shape, resolution: int, batch: int,
     )
 
 
-def free_memory(device) -> float | None:
-    import torch
-
-    if getattr(device, "type", str(device)) == "cuda" and torch.cuda.is_available():
-        free, _ = torch.cuda.mem_get_info(device)
-        return float(free)
-    return None
-
-
 def resolve(config, model, device):
     """The config with its memory plan's options applied (``memory="none"``: as given), and the estimate logged."""
+    import torch
+
     if config.memory == "none" or model.family != "zimage":
         return config
     enc = sum(p.numel() for m in (model.pipe.text_encoder, model.pipe.vae) for p in m.parameters())
     shape = shape_of(dict(model.denoiser.config), config.rank, config.targets, enc)
     batch = config.batch_size * (2 if config.with_prior_preservation else 1)
     if config.memory == "auto":
-        plan, est = choose(free_memory(device), shape, config.resolution, batch, config.offload_blocks)
+        cuda = getattr(device, "type", str(device)) == "cuda" and torch.cuda.is_available()
+        free = float(torch.cuda.mem_get_info(device)[0]) if cuda else None  # None: a CPU, no limit
+        plan, est = choose(free, shape, config.resolution, batch, config.offload_blocks)
     else:
         plan = with_offload(PLANS[config.memory], config.offload_blocks)
         est = estimate(plan, shape, config.resolution, batch)

@@ -1,4 +1,4 @@
-"""What one training step sees: cached latents and prompt embeddings, the batch stream, noise and the loss.
+"""What one training step sees: the prompts of the cached data, the batch stream, noise and the loss.
 
 Everything random in a step is a pure function of ``(seed, sample position)``: the data order (a seeded
 permutation per epoch), the noise and the timesteps. A resumed run therefore continues exactly where the
@@ -8,12 +8,10 @@ caption (or the instance prompt) and class images with the class prompt.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..manager.errors import Interrupted, InvalidInputError
-from ..manager.families import defaults_for
+from ..manager.errors import InvalidInputError
 
 SEED_SPACE = 2**64  # every seed the widgets allow: 0 .. 2**64 - 1
 
@@ -24,74 +22,6 @@ def _position_generator(seed: int, position: int, salt: int = 0):
     g = torch.Generator("cpu")
     g.manual_seed((int(seed) * 1_000_003 + int(position) * 7_919 + salt * 104_729) % (2**63 - 1))
     return g
-
-
-def data_index(seed: int, position: int, n: int, salt: int = 0) -> int:
-    """Which of ``n`` items sits at ``position`` of the endless, epoch-shuffled stream."""
-    import torch
-
-    epoch, offset = divmod(int(position), n)
-    return int(torch.randperm(n, generator=_position_generator(seed, epoch, 11 + salt))[offset])
-
-
-def _check_stop(should_stop: Callable[[], bool] | None, what: str) -> None:
-    if should_stop is not None and should_stop():
-        raise Interrupted(f"training stopped while {what}; nothing was trained yet. Queue it again to start")
-
-
-# ---------------------------------------------------------------------------
-# caching latents and prompt embeddings
-# ---------------------------------------------------------------------------
-
-
-def _latent_list(pipe, family: str, images: list, device, should_stop: Callable[[], bool] | None = None) -> list:
-    """One [C, h, w] latent per image (frozen VAE, the family's shift and scale)."""
-    import torch
-
-    from .data import pil_to_tensor
-
-    vae = pipe.vae
-    out = []
-    with torch.no_grad():
-        for img in images:
-            _check_stop(should_stop, "caching image latents")
-            px = pil_to_tensor(img).unsqueeze(0).to(device=device, dtype=vae.dtype)
-            lat = vae.encode(px).latent_dist.mode().float()
-            if family == "zimage":
-                lat = (lat - vae.config.shift_factor) * vae.config.scaling_factor
-            else:
-                lat = lat * vae.config.scaling_factor
-            out.append(lat[0].cpu())
-    return out
-
-
-def _batched(latents: list) -> Any:
-    """[N, C, h, w] when every image is in one bucket, else the list of [C, h, w] tensors."""
-    import torch
-
-    return torch.stack(latents) if len({tuple(t.shape) for t in latents}) == 1 else latents
-
-
-def _encode_latents(pipe, family: str, images: list, device, should_stop: Callable[[], bool] | None = None) -> Any:
-    return _batched(_latent_list(pipe, family, images, device, should_stop))
-
-
-def _encode_prompt(pipe, family: str, prompt: str, device):
-    import torch
-
-    with torch.no_grad():
-        if family == "zimage":
-            emb, _ = pipe.encode_prompt([prompt], device, do_classifier_free_guidance=False,
-                                        max_sequence_length=defaults_for("zimage").max_sequence_length)
-        else:
-            emb, _ = pipe.encode_prompt(prompt, device, 1, False)
-    return emb[0].float().cpu()
-
-
-def _token_ids(pipe, prompt: str):
-    tok = pipe.tokenizer
-    ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
-    return ids.input_ids[0]
 
 
 @dataclass
@@ -129,12 +59,10 @@ def plan_prompts(config, instance: list, class_data: list | None) -> TrainData:
     empty and DOP prompts); no tensors yet, no model needed."""
     from .data import apply_trigger
 
-    prompts: list[str] = []
+    ids: dict[str, int] = {}  # the distinct prompts, in order of first use
 
     def prompt_id(p: str) -> int:
-        if p not in prompts:
-            prompts.append(p)
-        return prompts.index(p)
+        return ids.setdefault(p, len(ids))
 
     trigger = config.trigger_word
     data = TrainData(
@@ -148,52 +76,11 @@ def plan_prompts(config, instance: list, class_data: list | None) -> TrainData:
     if data.dropout:
         data.empty = prompt_id("")
     if config.dop_weight:
-        data.dop_prompt = {i: prompt_id(_dop_prompt(prompts[i], trigger, config.dop_class))
+        known = list(ids)
+        data.dop_prompt = {i: prompt_id(_dop_prompt(known[i], trigger, config.dop_class))
                            for i in set(data.inst_prompt)}
-    data.prompts = prompts
+    data.prompts = list(ids)
     return data
-
-
-def tensor_names(config, data: TrainData, n_instance: int, n_class: int) -> list[str]:
-    """The names :func:`encode_data` gives the tensors: latents per image, embeddings per prompt."""
-    embeds = 0 if config.train_text_encoder else len(data.prompts)
-    return ([f"instance.{i}" for i in range(n_instance)] + [f"class.{i}" for i in range(n_class)]
-            + [f"embed.{j}" for j in range(embeds)])
-
-
-def encode_data(pipe, family: str, config, data: TrainData, instance: list, class_data: list | None, device,
-                should_stop: Callable[[], bool] | None = None) -> dict:
-    """The encoders' part, by :func:`tensor_names`: VAE latents of the images and, unless the text encoder is
-    trained, the frozen text encoder's embedding of every prompt."""
-    tensors = {}
-    for what, items in (("instance", instance), ("class", class_data or [])):
-        latents = _latent_list(pipe, family, [t.image for t in items], device, should_stop)
-        tensors.update({f"{what}.{i}": t for i, t in enumerate(latents)})
-    if not config.train_text_encoder:
-        for j, p in enumerate(data.prompts):
-            _check_stop(should_stop, "encoding prompts")
-            tensors[f"embed.{j}"] = _encode_prompt(pipe, family, p, device)
-    return tensors
-
-
-def fill_data(pipe, config, data: TrainData, tensors: dict, n_instance: int, n_class: int | None) -> TrainData:
-    """``data`` with the tensors of :func:`encode_data` in place (token ids when the text encoder is trained)."""
-    data.inst_latents = _batched([tensors[f"instance.{i}"] for i in range(n_instance)])
-    if n_class is not None:
-        data.class_latents = _batched([tensors[f"class.{i}"] for i in range(n_class)])
-    if config.train_text_encoder:
-        data.ids = [_token_ids(pipe, p) for p in data.prompts]
-    else:
-        data.embeds = [tensors[f"embed.{j}"] for j in range(len(data.prompts))]
-    return data
-
-
-def cache_data(pipe, family: str, config, instance: list, class_data: list | None, device,
-               should_stop: Callable[[], bool] | None = None) -> TrainData:
-    """Latents (frozen VAE) and prompt embeddings (frozen text encoder) or token ids (trained one), in memory."""
-    data = plan_prompts(config, instance, class_data)
-    tensors = encode_data(pipe, family, config, data, instance, class_data, device, should_stop)
-    return fill_data(pipe, config, data, tensors, len(instance), None if class_data is None else len(class_data))
 
 
 @dataclass
@@ -221,9 +108,12 @@ def _epoch_groups(seed: int, epoch: int, buckets: list, batch_size: int, salt: i
 def _draw(latents: list, seed: int, group: int, batch_size: int, salt: int) -> list[int]:
     """The images of batch number ``group`` of the endless stream: consecutive positions of the epoch-shuffled
     stream when all images share one size, else one bucket's batch."""
-    buckets = [tuple(t.shape) for t in latents]
-    if len(set(buckets)) == 1:
-        return [data_index(seed, group * batch_size + j, len(latents), salt) for j in range(batch_size)]
+    import torch
+
+    buckets, n = [tuple(t.shape) for t in latents], len(latents)
+    if len(set(buckets)) == 1:  # image i of epoch e: a seeded permutation of the n images
+        places = [divmod(group * batch_size + j, n) for j in range(batch_size)]
+        return [int(torch.randperm(n, generator=_position_generator(seed, e, 11 + salt))[i]) for e, i in places]
     per_epoch = len(_epoch_groups(seed, 0, buckets, batch_size, salt))
     epoch, offset = divmod(group, per_epoch)
     return _epoch_groups(seed, epoch, buckets, batch_size, salt)[offset]
@@ -245,19 +135,13 @@ def assemble_batch(data: TrainData, seed: int, micro_index: int, batch_size: int
     prompt_index = [data.empty if _dropped(seed, p, data.dropout) else data.inst_prompt[i]
                     for i, p in zip(inst, positions, strict=True)]
     is_prior = [False] * len(inst)
-    pos = list(positions)
     if with_prior:
         cls = _draw(data.class_latents, seed, group, batch_size, 1)
         latents += [data.class_latents[i] for i in cls]
         prompt_index += [data.class_prompt[i] for i in cls]
         is_prior += [True] * len(cls)
-        pos += [group * batch_size + j + (1 << 40) for j in range(len(cls))]
-    return Batch(latents, prompt_index, is_prior, pos)
-
-
-# ---------------------------------------------------------------------------
-# the loss
-# ---------------------------------------------------------------------------
+        positions += [group * batch_size + j + (1 << 40) for j in range(len(cls))]
+    return Batch(latents, prompt_index, is_prior, positions)
 
 
 class _Objective:
@@ -340,21 +224,14 @@ class _Objective:
 
     def loss(self, denoiser, batch: Batch, cond, device, dtype, prior_loss_weight: float | None, dop=None):
         """Mean squared error of the instance elements, plus the weighted prior term when it is on.
-
-        Elements of one size run in one forward pass; elements of other sizes (instance and class images in
-        different buckets) in one pass per size."""
+        ``cond(prompt_index)`` is the text conditioning of those prompts."""
         import torch
 
-        per_elem = [None] * len(batch.latents)
-        for shape in dict.fromkeys(tuple(t.shape) for t in batch.latents):
-            rows = [i for i, t in enumerate(batch.latents) if tuple(t.shape) == shape]
-            sub = cond([batch.prompt_index[i] for i in rows]) if callable(cond) else cond
-            pred, target = self.predict_and_target(denoiser, torch.stack([batch.latents[i] for i in rows]), sub,
-                                                   [batch.positions[i] for i in rows], device, dtype)
-            errors = ((pred.float() - target.float()) ** 2).reshape(pred.shape[0], -1).mean(1)
-            for k, i in enumerate(rows):
-                per_elem[i] = errors[k]
-        per_elem = torch.stack(per_elem)
+        def errors(rows, latents, positions):
+            c = cond([batch.prompt_index[i] for i in rows])
+            return _mse(*self.predict_and_target(denoiser, latents, c, positions, device, dtype))
+
+        per_elem = _by_size(batch, range(len(batch.latents)), errors)
         mask = torch.tensor(batch.is_prior, device=per_elem.device)
         loss = per_elem[~mask].mean()
         if prior_loss_weight is not None:
@@ -371,17 +248,31 @@ class _Objective:
         under no_grad). None when no element has a DOP prompt (caption dropout)."""
         import torch
 
-        rows = [i for i, (prior, p) in enumerate(zip(batch.is_prior, batch.prompt_index, strict=True))
-                if not prior and p in dop_prompt]
-        if not rows:
-            return None
-        errors = []
-        for shape in dict.fromkeys(tuple(batch.latents[i].shape) for i in rows):
-            sub = [i for i in rows if tuple(batch.latents[i].shape) == shape]
-            latents, positions = torch.stack([batch.latents[i] for i in sub]), [batch.positions[i] for i in sub]
-            c = cond([dop_prompt[batch.prompt_index[i]] for i in sub])
+        def errors(rows, latents, positions):
+            c = cond([dop_prompt[batch.prompt_index[i]] for i in rows])
             with_lora, _ = self.predict_and_target(denoiser, latents, c, positions, device, dtype)
             with torch.no_grad(), without_lora():
                 base, _ = self.predict_and_target(denoiser, latents, c, positions, device, dtype)
-            errors.append(((with_lora.float() - base.float()) ** 2).reshape(len(sub), -1).mean(1))
-        return torch.cat(errors).mean()
+            return _mse(with_lora, base)
+
+        rows = [i for i, (prior, p) in enumerate(zip(batch.is_prior, batch.prompt_index, strict=True))
+                if not prior and p in dop_prompt]
+        return _by_size(batch, rows, errors).mean() if rows else None
+
+
+def _mse(pred, target):
+    """Mean squared error per element of a batch."""
+    return ((pred.float() - target.float()) ** 2).reshape(pred.shape[0], -1).mean(1)
+
+
+def _by_size(batch: Batch, rows, errors) -> Any:
+    """``errors(rows, latents, positions)`` over ``rows`` of ``batch``, one forward per latent size (instance
+    and class images can be in different buckets), returned in ``rows`` order."""
+    import torch
+
+    out = {}
+    for shape in dict.fromkeys(tuple(batch.latents[i].shape) for i in rows):
+        sub = [i for i in rows if tuple(batch.latents[i].shape) == shape]
+        latents = torch.stack([batch.latents[i] for i in sub])
+        out.update(zip(sub, errors(sub, latents, [batch.positions[i] for i in sub]), strict=True))
+    return torch.stack([out[i] for i in rows])

@@ -38,11 +38,9 @@ logger = get_logger(__name__)
 GB = 1024**3
 
 
-def enable(denoiser, per_group: int, device, optimizer=None) -> list:
+def enable(denoiser, per_group: int, device, optimizer) -> list:
     """``[BlockOffload]`` (it has ``remove()``, like the run's other hooks) or ``[]`` when ``per_group`` is 0."""
-    if not per_group:
-        return []
-    return [BlockOffload(denoiser, per_group, device, optimizer)]
+    return [BlockOffload(denoiser, per_group, device, optimizer)] if per_group else []
 
 
 def block_groups(denoiser, per_group: int) -> list:
@@ -50,10 +48,8 @@ def block_groups(denoiser, per_group: int) -> list:
     main layers) cut into runs of ``per_group``."""
     import torch
 
-    groups = []
-    for child in denoiser.children():
-        if isinstance(child, torch.nn.ModuleList):
-            groups += [list(child[i : i + per_group]) for i in range(0, len(child), per_group)]
+    lists = [child for child in denoiser.children() if isinstance(child, torch.nn.ModuleList)]
+    groups = [list(blocks[i : i + per_group]) for blocks in lists for i in range(0, len(blocks), per_group)]
     if not groups:
         raise InvalidInputError(
             f"offload_blocks needs a denoiser built of transformer blocks; "
@@ -81,7 +77,7 @@ class _Saved(NamedTuple):
 class BlockOffload:
     """The hooks and CPU copies of one run; see the module docstring."""
 
-    def __init__(self, denoiser, per_group: int, device, optimizer=None):
+    def __init__(self, denoiser, per_group: int, device, optimizer):
         import torch
 
         self.device = torch.device(device)
@@ -138,11 +134,11 @@ class BlockOffload:
         for i, blocks in enumerate(groups):
             for block in blocks:
                 self.handles.append(block.register_forward_pre_hook(lambda module, args, i=i: self._load(i)))
-        self.handles.append(denoiser.register_forward_pre_hook(self._enter))
+        if self.by_reference:
+            self.handles.append(denoiser.register_forward_pre_hook(self._enter))
         self.handles.append(denoiser.register_forward_hook(self._leave, always_call=True))
-        if optimizer is not None:  # accelerate's AcceleratedOptimizer wraps the torch optimizer
-            inner = getattr(optimizer, "optimizer", optimizer)
-            self.handles.append(inner.register_step_pre_hook(lambda *_: self._unload()))
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
+        self.handles.append(inner.register_step_pre_hook(lambda *_: self._unload()))
 
     # -- moving groups --------------------------------------------------------------------
 
@@ -166,24 +162,19 @@ class BlockOffload:
     def _enter(self, module, args) -> None:
         import torch
 
-        context = None
-        if self.by_reference and torch.is_grad_enabled():
-            context = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
-            context.__enter__()
+        context = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)  # idle where nothing is saved
+        context.__enter__()
         self._contexts.append(context)
 
     def _leave(self, module, args, output) -> None:
-        context = self._contexts.pop() if self._contexts else None
-        if context is not None:
-            context.__exit__(None, None, None)
+        if self._contexts:
+            self._contexts.pop().__exit__(None, None, None)
         self._unload()
 
     def _pack(self, t):
         """A saved block weight (the parameter or a view of it) by reference; else ``t`` itself."""
-        hit = self.where.get(id(t))
-        base = t
-        if hit is None and t._base is not None:
-            hit, base = self.where.get(id(t._base)), t._base
+        base = t if id(t) in self.where or t._base is None else t._base
+        hit = self.where.get(id(base))
         if hit is None or t.dtype != base.dtype:
             return t
         return _Saved(
@@ -204,9 +195,7 @@ class BlockOffload:
         for handle in self.handles:
             handle.remove()
         while self._contexts:
-            context = self._contexts.pop()
-            if context is not None:
-                context.__exit__(None, None, None)
+            self._contexts.pop().__exit__(None, None, None)
         for group in self.host:
             for p, host, home in group:
                 p.data = host.to(home)

@@ -28,7 +28,7 @@ from contextlib import suppress
 from pathlib import Path
 
 from ..manager.errors import Interrupted, InvalidInputError, get_logger
-from ..manager.inputs import check_size
+from ..manager.inputs import MAX_SEED, check_size
 from ..manager.paths import atomic_file
 
 logger = get_logger(__name__)
@@ -36,15 +36,6 @@ logger = get_logger(__name__)
 CACHE_VERSION = 2
 CHUNK = 4  # images rendered per batch; fixed, so each image always comes from the same batch
 NAME = re.compile(r"^(\d{5})-([0-9a-f]{16})\.png$")
-SEED_SPACE = 2**64
-
-
-def _tensor_to_pil(t):
-    import numpy as np
-    from PIL import Image
-
-    arr = (t.detach().float().clamp(0, 1).cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
-    return Image.fromarray(arr[..., :3], "RGB")
 
 
 class PriorCache:
@@ -57,7 +48,7 @@ class PriorCache:
         d = model.defaults  # the variant's sampling settings: Turbo 8 steps at guidance 0, Base 50 at 5
         self.model = model
         self.class_prompt = class_prompt.strip()
-        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < SEED_SPACE:
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
             raise InvalidInputError(f"class image seed={seed!r} must be an integer from 0 to 2**64 - 1")
         self.seed = int(seed)
         self.width = int(width or d.default_size)
@@ -68,17 +59,9 @@ class PriorCache:
         if self.steps < 1:
             raise InvalidInputError(f"class image steps={self.steps} must be >= 1")
         # everything that determines the images; its sha256 names the folder
-        self.settings = {
-            "v": CACHE_VERSION,
-            "model": model.identity,
-            "family": model.family,
-            "prompt": self.class_prompt,
-            "seed": self.seed,
-            "steps": self.steps,
-            "width": self.width,
-            "height": self.height,
-            "guidance": self.guidance,
-        }
+        self.settings = {"v": CACHE_VERSION, "model": model.identity, "family": model.family,
+                         "prompt": self.class_prompt}
+        self.settings.update({k: getattr(self, k) for k in ("seed", "steps", "width", "height", "guidance")})
         self.key = hashlib.sha256(json.dumps(self.settings, sort_keys=True).encode("utf-8")).hexdigest()
         self.root = os.path.abspath(root)
         self.folder = os.path.join(self.root, self.key[:32])
@@ -90,16 +73,13 @@ class PriorCache:
         from PIL import Image
 
         found: dict[int, str] = {}
-        if not os.path.isdir(self.folder):
-            return found
-        for name in sorted(os.listdir(self.folder)):
+        for name in sorted(os.listdir(self.folder)) if os.path.isdir(self.folder) else []:
             m = NAME.match(name)
             if not m:
                 continue
             path = os.path.join(self.folder, name)
             try:
-                with open(path, "rb") as f:
-                    data = f.read()
+                data = Path(path).read_bytes()
                 if hashlib.sha256(data).hexdigest()[:16] != m.group(2):
                     raise ValueError("content does not match the hash in its name")
                 with Image.open(io.BytesIO(data), formats=["PNG"]) as im:
@@ -122,12 +102,6 @@ class PriorCache:
         path = os.path.join(self.folder, f"{index:05d}-{hashlib.sha256(data).hexdigest()[:16]}.png")
         return atomic_file(path, lambda tmp: Path(tmp).write_bytes(data))
 
-    def _write_info(self) -> None:
-        info = os.path.join(self.folder, "prior.json")
-        if not os.path.exists(info):
-            text = json.dumps(self.settings, indent=2).encode("utf-8")
-            atomic_file(info, lambda tmp: Path(tmp).write_bytes(text))
-
     # -- generation ------------------------------------------------------------------------
 
     def generate_chunk(self, chunk: int) -> list:
@@ -135,7 +109,9 @@ class PriorCache:
 
         One batched call (``generate`` wraps the seeds past 2**64 - 1); it does not touch the global RNG.
         """
+        import numpy as np
         import torch
+        from PIL import Image
 
         from ..manager import sampling
 
@@ -143,13 +119,14 @@ class PriorCache:
             result = sampling.generate(
                 self.model,
                 [self.class_prompt] * CHUNK,
-                seed=(self.seed + chunk * CHUNK) % SEED_SPACE,
+                seed=(self.seed + chunk * CHUNK) % (MAX_SEED + 1),
                 steps=self.steps,
                 width=self.width,
                 height=self.height,
                 guidance=sampling.Guidance(negative_prompts=("",), scales=(self.guidance,)),
             )
-        return [_tensor_to_pil(img) for img in result.images]
+        pixels = (result.images.numpy() * 255.0 + 0.5).astype(np.uint8)  # [B,H,W,3] in 0..1 on the CPU
+        return [Image.fromarray(a) for a in pixels]
 
     def ensure(self, count: int, on_step: Callable | None = None,
                should_stop: Callable[[], bool] | None = None) -> list[str]:
@@ -161,7 +138,10 @@ class PriorCache:
         if missing:
             logger.info("class images: %d cached, generating %d for %r in %s", count - len(missing), len(missing),
                         self.class_prompt, self.folder)
-            self._write_info()
+            info = os.path.join(self.folder, "prior.json")  # what the images are, for a person reading the folder
+            if not os.path.exists(info):
+                text = json.dumps(self.settings, indent=2).encode("utf-8")
+                atomic_file(info, lambda tmp: Path(tmp).write_bytes(text))
         else:
             logger.info("class images: all %d cached in %s", count, self.folder)
         done = 0

@@ -62,17 +62,17 @@ class Run:
                 f"set family={model.family!r}"
             )
         self.output_dir = S.check_output_dir(config.output_dir, config.min_free_disk_gb, create=False)
-        self.config = M.resolve(config.replace(output_dir=self.output_dir), model, torch.device(model.device or "cpu"))
+        self.device = torch.device(model.device or "cpu")
+        self.config = M.resolve(config.replace(output_dir=self.output_dir), model, self.device)
         self.model, self.pipe, self.family = model, model.pipe, model.family
-        self.device = torch.device(model.device if model.device else "cpu")
         self.on_step, self.should_stop = on_step, should_stop
-        self._step_info = _takes_info(on_step)  # on_step(step, total, preview, info=) also gets loss and lr
         self.lora_mode = config.train_mode == "lora"
         self.train_te = bool(config.train_text_encoder)
         self.accelerator = None
         self.global_step = self.start_step = 0
         self.losses: list[float] = []
         self.previews: list = []
+        self.trained: list = []  # the modules that get gradients
         self.stopped = False
         self.last_checkpoint: str | None = None
         self._guards: list = []
@@ -80,7 +80,6 @@ class Run:
         self._adapters = self._logging = False
         self.ema = None
         self._offloaded = False
-        self._multiple = defaults_for(self.family).size_multiple  # bucket sides
 
     # -- setup ----------------------------------------------------------------------------
 
@@ -90,9 +89,9 @@ class Run:
 
         from .data import check_instance_prompt, class_train_images, load_images, with_captions
 
-        cfg = self.config
+        cfg, multiple = self.config, defaults_for(self.family).size_multiple  # bucket sides
         instance = with_captions(load_images(instance_images, cfg.resolution, cfg.center_crop, what="instance",
-                                             multiple=self._multiple), cfg.captions)
+                                             multiple=multiple), cfg.captions)
         check_instance_prompt(cfg.instance_prompt, cfg.class_prompt)
         A.warn_turbo(self.family, cfg)
         self.accelerator = acc = S.make_accelerator(cfg, self.device, self.output_dir)
@@ -100,7 +99,7 @@ class Run:
         resume_path = S.resolve_resume(cfg, self.output_dir)
         resume_meta = S.check_checkpoint(resume_path, self.model, cfg) if resume_path else None
         class_data = class_train_images(self.model, cfg, self.output_dir, acc, class_images, self.should_stop,
-                                        self._multiple)
+                                        multiple)
         self.data = C.train_data(self.pipe, self.family, self.model.identity, cfg, instance, class_data, self.device,
                                  self.should_stop, self.output_dir if cfg.cache_to_disk else None, acc.is_main_process)
         self._offloaded = cfg.offload_encoders and self.device.type == "cuda"
@@ -119,33 +118,34 @@ class Run:
         S.check_output_dir(self.output_dir, cfg.min_free_disk_gb)  # created now that the data is cached
         self.objective = _Objective(self.pipe, self.family, cfg.seed, cfg.timestep_sampling, cfg.timestep_shift)
         self.dtype = self.model.dtype if self.lora_mode else self.denoiser.dtype
-        self._logging = S.start_logging(acc, cfg)
+        self._logging = bool(acc.log_with)
+        if self._logging:  # the settings as hyper-parameters: plain values only
+            acc.init_trackers("logs", config={k: v for k, v in cfg.to_dict().items()
+                                              if isinstance(v, (int, float, str, bool))})
 
     def _trainables(self) -> None:
         """What is trained: adapters on the shared modules (LoRA) or deep copies (full); guards for the rest."""
         cfg, pipe, guard = self.config, self.pipe, self._guards
+        guard.append(A.ModuleGuard(pipe.vae))
+        pipe.vae.requires_grad_(False)
         if self.lora_mode:
             self.denoiser, self.text_encoder = self.model.denoiser, pipe.text_encoder
             guard += [A.ModuleGuard(self.denoiser), A.ModuleGuard(self.text_encoder)]
+            self._adapters = True
+            A.add_trainable_lora(self.model, cfg, self.text_encoder if self.train_te else None)
         else:
             self.denoiser = copy.deepcopy(self.model.denoiser).requires_grad_(True)
             self.text_encoder = copy.deepcopy(pipe.text_encoder) if self.train_te else pipe.text_encoder
             if not self.train_te:
                 guard.append(A.ModuleGuard(self.text_encoder))
             self.text_encoder.requires_grad_(self.train_te)
-        guard.append(A.ModuleGuard(pipe.vae))
-        pipe.vae.requires_grad_(False)
-        if self.lora_mode:
-            self._adapters = True
-            A.add_trainable_lora(self.model, cfg, self.text_encoder if self.train_te else None)
-        if cfg.gradient_checkpointing and hasattr(self.denoiser, "enable_gradient_checkpointing"):
-            self.denoiser.enable_gradient_checkpointing()
-        self.denoiser.train()
-        if self.train_te:
-            self.text_encoder.train()
-            if cfg.gradient_checkpointing and hasattr(self.text_encoder, "gradient_checkpointing_enable"):
-                self.text_encoder.gradient_checkpointing_enable()
         self.trained = [self.denoiser] + ([self.text_encoder] if self.train_te else [])
+        for m in self.trained:
+            m.train()
+            if cfg.gradient_checkpointing and hasattr(m, "enable_gradient_checkpointing"):  # diffusers
+                m.enable_gradient_checkpointing()
+            elif cfg.gradient_checkpointing and hasattr(m, "gradient_checkpointing_enable"):  # transformers
+                m.gradient_checkpointing_enable()
 
     def _optimizer(self) -> None:
         import torch
@@ -153,17 +153,15 @@ class Run:
         from diffusers.training_utils import cast_training_params
 
         cfg, acc = self.config, self.accelerator
-        eight_bit = any(p.dtype.itemsize == 1 for p in self.denoiser.parameters() if p.requires_grad)
+        found = [[p for p in m.parameters() if p.requires_grad] for m in self.trained]  # denoiser, text encoder
+        if not found[0]:
+            raise A.no_trainable(cfg)
+        eight_bit = any(p.dtype.itemsize == 1 for p in found[0])
         if self.lora_mode and (acc.mixed_precision == "fp16" or eight_bit):  # fp16 grad scaling, 8-bit base
             cast_training_params(self.trained, dtype=torch.float32)  # the LoRA (and its optimizer state) in fp32
-        params = [p for p in self.denoiser.parameters() if p.requires_grad]
-        te_params = [p for p in self.text_encoder.parameters() if p.requires_grad] if self.train_te else []
-        if not params:
-            raise A.no_trainable(cfg)
-        self.params = params + te_params
-        groups = [{"params": params, "lr": cfg.lr}]
-        if te_params:
-            groups.append({"params": te_params, "lr": cfg.text_encoder_lr or cfg.lr})
+        self.params = [p for group in found for p in group]
+        lrs = (cfg.lr, cfg.text_encoder_lr or cfg.lr)  # found has no text-encoder entry when it is not trained
+        groups = [{"params": group, "lr": lr} for group, lr in zip(found, lrs, strict=False) if group]
         if cfg.optimizer == "adamw8bit":
             import bitsandbytes as bnb
 
@@ -174,11 +172,8 @@ class Run:
                             eps=cfg.adam_epsilon)
         scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps * self.world,
                                   num_training_steps=cfg.steps * self.world)
-        if self.train_te:
-            self.d_wrapped, self.te_wrapped, self.optim, self.lr_scheduler = acc.prepare(
-                self.denoiser, self.text_encoder, optimizer, scheduler)
-        else:
-            self.d_wrapped, self.optim, self.lr_scheduler = acc.prepare(self.denoiser, optimizer, scheduler)
+        self.d_wrapped, *te, self.optim, self.lr_scheduler = acc.prepare(*self.trained, optimizer, scheduler)
+        self.te_wrapped = te[0] if te else None
         if cfg.ema_decay:
             self.ema = E.make(self.params, cfg.ema_decay)
             self._hooks += E.register_hooks(acc, self.ema)
@@ -205,8 +200,7 @@ class Run:
                                            prior_weight, self._dop()) / accum
             acc.backward(loss)
             step_loss += loss.detach().float().cpu()
-        mean_loss = float(acc.reduce(step_loss.to(acc.device), reduction="mean").item()) if self.world > 1 \
-            else float(step_loss)
+        mean_loss = float(acc.reduce(step_loss.to(acc.device), reduction="mean"))  # a copy in a single process
         if not math.isfinite(mean_loss):
             raise self._diverged(self.global_step + 1, mean_loss)
         if acc.sync_gradients and cfg.max_grad_norm:
@@ -218,11 +212,12 @@ class Run:
         self.optim.zero_grad(set_to_none=True)
         self.global_step += 1
         self.losses.append(mean_loss)
-        acc.log({"loss": mean_loss, "lr": self.lr_scheduler.get_last_lr()[0]}, step=self.global_step)
-        self._after_step()
+        info = {"loss": mean_loss, "lr": self.lr_scheduler.get_last_lr()[0]}
+        acc.log(info, step=self.global_step)
+        self._after_step(info)
         return mean_loss
 
-    def _after_step(self) -> None:
+    def _after_step(self, info: dict) -> None:
         cfg, step = self.config, self.global_step
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
             self.checkpoint()
@@ -231,12 +226,13 @@ class Run:
             preview = self._preview()
             if preview is not None:
                 self.previews.append(preview)
-                if self._logging:
-                    _log_image(self.accelerator, preview, step)
-        if self.on_step is not None and self.accelerator.is_main_process:
-            extra = {"info": {"loss": self.losses[-1], "lr": self.lr_scheduler.get_last_lr()[0]}} \
-                if self._step_info else {}
-            self.on_step(step, cfg.steps, preview, **extra)
+                if self._logging:  # a [1, H, W, 3] uint8 batch for accelerate's TensorBoard tracker
+                    import numpy as np
+
+                    self.accelerator.get_tracker("tensorboard").log_images(
+                        {"validation": np.asarray(preview)[None]}, step=step, dataformats="NHWC")
+        if self.accelerator.is_main_process:
+            notify(self.on_step, step, cfg.steps, preview, info)
         if step < cfg.steps and self._agreed_stop():
             self.stopped = True
 
@@ -265,9 +261,7 @@ class Run:
 
         acc = self.accelerator
         flag = 1.0 if (self.should_stop is not None and acc.is_main_process and self.should_stop()) else 0.0
-        if self.world > 1:
-            flag = float(acc.reduce(torch.tensor([flag], device=acc.device), reduction="sum").item())
-        return flag > 0
+        return float(acc.reduce(torch.tensor([flag], device=acc.device), reduction="sum")) > 0
 
     def _diverged(self, step: int, loss: float | None = None) -> InvalidInputError:
         what = f"loss became {'NaN' if loss is not None and math.isnan(loss) else 'infinite'}" if loss is not None \
@@ -367,28 +361,22 @@ class Run:
             self.pipe.unload_lora_weights()  # every adapter off; the original modules are back
         for g in self._guards:
             g.restore()
-        if not self.lora_mode and hasattr(self, "denoiser"):
-            for m in (self.denoiser, self.text_encoder if self.train_te else None):
-                if m is not None:
-                    m.eval()
-                    m.requires_grad_(False)
-                    for key in [k for k in m.__dict__ if k in ("forward", "_original_forward")]:
-                        del m.__dict__[key]
+        if not self.lora_mode:  # the fine-tuned copies, ready for inference
+            for m in self.trained:
+                m.eval()
+                m.requires_grad_(False)
+                for key in [k for k in m.__dict__ if k in ("forward", "_original_forward")]:
+                    del m.__dict__[key]
         if self.accelerator is not None:
             self.accelerator.free_memory()
 
 
-def _log_image(accelerator, image, step: int) -> None:
-    """The validation image in TensorBoard at ``step`` (accelerate's tracker; a [1, H, W, 3] uint8 batch)."""
-    import numpy as np
-
-    accelerator.get_tracker("tensorboard").log_images({"validation": np.asarray(image)[None]}, step=step,
-                                                      dataformats="NHWC")
-
-
-def _takes_info(callback) -> bool:
-    """Whether ``callback`` declares an ``info`` parameter (older ``on_step(step, total, preview)`` do not)."""
+def notify(on_step, step: int, total: int, preview, info: dict) -> None:
+    """``on_step(step, total, preview)``, plus ``info=`` when it declares that parameter (older ones do not)."""
+    if on_step is None:
+        return
     try:
-        return callback is not None and "info" in inspect.signature(callback).parameters
+        takes_info = "info" in inspect.signature(on_step).parameters
     except (TypeError, ValueError):
-        return False
+        takes_info = False
+    on_step(step, total, preview, **({"info": info} if takes_info else {}))

@@ -19,7 +19,7 @@ from pathlib import Path
 from ..manager.errors import get_logger
 from ..manager.paths import atomic_file, safe_name
 from .config import TrainConfig
-from .run import TrainResult
+from .run import TrainResult, notify
 from .state import list_checkpoints
 
 logger = get_logger(__name__)
@@ -101,23 +101,16 @@ class StepLog:
     """
 
     def __init__(self, folder: str, on_step: Callable | None, keep_until: int) -> None:
-        from .run import _takes_info
-
         self.folder, self.on_step, self.keep_until = folder, on_step, keep_until
         self.path = os.path.join(folder, STEP_LOG)
-        self._info = _takes_info(on_step)
         self._started = False
 
-    def _start(self) -> None:
-        """On the first step (the folder exists by then): drop the steps a resume repeats."""
-        kept = [r for r in _read_rows(self.path) if r["step"] <= self.keep_until]
-        text = "".join(json.dumps(r) + "\n" for r in kept).encode("utf-8")
-        atomic_file(self.path, lambda tmp: Path(tmp).write_bytes(text))
-        self._started = True
-
     def __call__(self, step: int, total: int, preview=None, info: dict | None = None) -> None:
-        if not self._started:
-            self._start()
+        if not self._started:  # the first step (the folder exists by then): drop the steps a resume repeats
+            kept = [r for r in _read_rows(self.path) if r["step"] <= self.keep_until]
+            text = "".join(json.dumps(r) + "\n" for r in kept).encode("utf-8")
+            atomic_file(self.path, lambda tmp: Path(tmp).write_bytes(text))
+            self._started = True
         row = {"step": int(step), "total": int(total), "time": round(time.time(), 3), **(info or {})}
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
@@ -126,8 +119,7 @@ class StepLog:
                 atomic_file(os.path.join(self.folder, PREVIEW), lambda tmp: preview.save(tmp, format="PNG"))
             except OSError as e:
                 logger.warning("could not save the validation preview: %s", e)
-        if self.on_step is not None:
-            self.on_step(step, total, preview, **({"info": row} if self._info else {}))
+        notify(self.on_step, step, total, preview, row)
 
 
 def _read_rows(path: str) -> list[dict]:

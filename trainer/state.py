@@ -30,20 +30,6 @@ _CHECKPOINT = re.compile(r"checkpoint-([0-9]+)")
 _warned_tensorboard = False
 
 
-def _fresh_accelerate_state() -> None:
-    """Forget the previous run's process-wide accelerate state.
-
-    accelerate keeps one ``AcceleratorState`` per process and refuses an ``Accelerator`` with another
-    ``mixed_precision`` or device ("restart your runtime"). ComfyUI runs many trainings in one process, and
-    accelerate 1.15 has no public call for this; its own test suite uses these two. The process group
-    (``PartialState``) is kept. This is the only place that touches accelerate internals.
-    """
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
-
-
 def resolve_precision(choice: str, device) -> str:
     """``auto``: bf16 where the device computes it natively, else fp32 ("no"); CPU always fp32."""
     if choice != "auto":
@@ -55,45 +41,37 @@ def resolve_precision(choice: str, device) -> str:
     return "no"
 
 
-def tensorboard_wanted(config: TrainConfig) -> bool:
-    """True when TensorBoard logging is on and tensorboard is importable; warns once per process otherwise."""
-    global _warned_tensorboard
-    from accelerate.utils import is_tensorboard_available
+def make_accelerator(config: TrainConfig, device, output_dir: str):
+    """An Accelerator that leaves the model where TurboLoader put it (``device_placement=False``).
 
-    if not config.log_tensorboard or is_tensorboard_available():
-        return config.log_tensorboard
-    if not _warned_tensorboard:
+    TensorBoard logging needs tensorboard installed; without it a warning is logged once per process.
+    """
+    global _warned_tensorboard
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import ProjectConfiguration, is_tensorboard_available
+
+    tensorboard = config.log_tensorboard and is_tensorboard_available()
+    if config.log_tensorboard and not tensorboard and not _warned_tensorboard:
         _warned_tensorboard = True
         logger.warning("tensorboard is not installed; training metrics are not logged to TensorBoard "
                        "(pip install tensorboard to enable it)")
-    return False
-
-
-def make_accelerator(config: TrainConfig, device, output_dir: str):
-    """An Accelerator that leaves the model where TurboLoader put it (``device_placement=False``)."""
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
-
     precision = resolve_precision(config.mixed_precision, device)
     project = ProjectConfiguration(project_dir=output_dir, total_limit=config.keep_last)  # logs go there too
-    _fresh_accelerate_state()
+    # accelerate keeps one AcceleratorState per process and refuses an Accelerator with another mixed_precision
+    # or device ("restart your runtime"). ComfyUI runs many trainings in one process, and accelerate 1.15 has no
+    # public call to forget the previous run's state; its own test suite uses these two. The process group
+    # (PartialState) is kept. This is the only place that touches accelerate internals.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     try:
         return Accelerator(mixed_precision=precision, cpu=device.type == "cpu", device_placement=False,
-                           project_config=project, log_with="tensorboard" if tensorboard_wanted(config) else None)
+                           project_config=project, log_with="tensorboard" if tensorboard else None)
     except (ValueError, RuntimeError) as e:
         raise InvalidInputError(
             f"mixed_precision={config.mixed_precision!r} is not available on this device ({e}); "
             "use 'auto', 'no' or 'bf16'"
         ) from e
-
-
-def start_logging(accelerator, config: TrainConfig) -> bool:
-    """``init_trackers`` with the settings as hyper-parameters (only plain values); True when started."""
-    if not accelerator.log_with:
-        return False
-    hparams = {k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool))}
-    accelerator.init_trackers("logs", config=hparams)
-    return True
 
 
 def check_output_dir(path: str, min_free_gb: float, create: bool = True) -> str:
@@ -102,18 +80,17 @@ def check_output_dir(path: str, min_free_gb: float, create: bool = True) -> str:
     ``create=False`` checks the nearest existing parent instead, so a run that is cancelled while it caches
     its data leaves no empty folder behind.
     """
-    path = os.path.abspath(os.path.expanduser(path))
-    existing = path
-    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
-        existing = os.path.dirname(existing)
+    path = existing = os.path.abspath(os.path.expanduser(path))
     try:
         if create:
             os.makedirs(path, exist_ok=True)
             with tempfile.TemporaryFile(dir=path) as probe:  # a real write: permissions, read-only mounts
                 probe.write(b"ok")
-            existing = path
-        elif not os.path.isdir(existing) or not os.access(existing, os.W_OK):
-            raise OSError(errno.EACCES, f"{existing} is not a writable folder")
+        else:
+            while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+                existing = os.path.dirname(existing)
+            if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+                raise OSError(errno.EACCES, f"{existing} is not a writable folder")
     except OSError as e:
         raise InvalidInputError(
             f"output_dir {path!r} is not writable ({e.strerror or e}); choose a folder you can write to"
@@ -193,10 +170,11 @@ def write_checkpoint(accelerator, output_dir: str, step: int, meta: dict) -> str
 
     final = os.path.join(output_dir, f"checkpoint-{step}")
 
-    def write(tmp: str) -> None:
-        broadcast_object_list([tmp])  # a no-op in a single process
-        accelerator.save_state(tmp)
+    def write(tmp: str | None) -> None:  # on every process; tmp is None except on the main one
+        accelerator.save_state(broadcast_object_list([tmp])[0])  # the broadcast is a no-op in a single process
         accelerator.wait_for_everyone()
+        if not accelerator.is_main_process:
+            return
         info = os.path.join(tmp, STATE_FILE)
         with open(info, "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2, default=str)
@@ -205,7 +183,6 @@ def write_checkpoint(accelerator, output_dir: str, step: int, meta: dict) -> str
         for name in os.listdir(tmp):
             os.chmod(os.path.join(tmp, name), mode)
 
-    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         atomic_dir(final, write)
         keep = accelerator.project_configuration.total_limit  # accelerate prunes only its automatic names
@@ -213,32 +190,25 @@ def write_checkpoint(accelerator, output_dir: str, step: int, meta: dict) -> str
             for _, old in list_checkpoints(output_dir)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
     else:
-        tmp = broadcast_object_list([None])[0]
-        accelerator.save_state(tmp)
-        accelerator.wait_for_everyone()
+        write(None)
     accelerator.wait_for_everyone()
     logger.info("saved checkpoint %s", final)
     return final
 
 
 def register_lora_hooks(accelerator, parts: dict, adapter: str) -> list:
-    """The hooks that save/load the ``adapter`` LoRA of each of ``parts`` (name -> module) in save/load_state."""
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    """The hooks that save/load the ``adapter`` LoRA of each of ``parts`` (name -> module) in save/load_state.
 
-    def part_of(model) -> str:
-        unwrapped = accelerator.unwrap_model(model)
-        for name, module in parts.items():
-            if unwrapped is module:
-                return name
-        raise InvalidInputError(f"unexpected model in the training state: {type(unwrapped).__name__}")
+    ``parts`` are the models the run prepared, so they are exactly the models accelerate hands the hooks.
+    """
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     def save_hook(models, weights, folder):
         from safetensors.torch import save_file
 
-        for model in models:
-            name = part_of(model)
-            if accelerator.is_main_process:
-                sd = get_peft_model_state_dict(parts[name], adapter_name=adapter)
+        if accelerator.is_main_process:
+            for name, module in parts.items():
+                sd = get_peft_model_state_dict(module, adapter_name=adapter)
                 save_file({k: v.detach().to("cpu").contiguous() for k, v in sd.items()},
                           os.path.join(folder, f"lora_{name}.safetensors"))
         weights.clear()  # our LoRA files replace accelerate's full model files
@@ -246,14 +216,14 @@ def register_lora_hooks(accelerator, parts: dict, adapter: str) -> list:
     def load_hook(models, folder):
         from safetensors.torch import load_file
 
-        while models:
-            name = part_of(models.pop())
+        models.clear()  # the LoRA files below stand in for the full model files accelerate would load
+        for name, module in parts.items():
             path = os.path.join(folder, f"lora_{name}.safetensors")
-            expected = set(get_peft_model_state_dict(parts[name], adapter_name=adapter))
+            expected = set(get_peft_model_state_dict(module, adapter_name=adapter))
             saved = load_file(path) if os.path.isfile(path) else {}
             if set(saved) != expected:
                 raise InvalidInputError(f"checkpoint {folder!r} does not hold this run's {name} LoRA; it is from "
                                         "another setup")
-            set_peft_model_state_dict(parts[name], saved, adapter_name=adapter)
+            set_peft_model_state_dict(module, saved, adapter_name=adapter)
 
     return [accelerator.register_save_state_pre_hook(save_hook), accelerator.register_load_state_pre_hook(load_hook)]
