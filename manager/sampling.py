@@ -119,13 +119,15 @@ def embed_cache(model: TurboModel) -> OrderedDict:
 
 
 def _noise(model: TurboModel, seeds: list[int], width: int, height: int, per_prompt: int):
-    """Initial noise: prompt i draws its images from its own generator seeded with seed + i."""
+    """(initial noise, generators): prompt i draws its images from its own generator seeded with seed + i, which
+    the pipeline then goes on drawing from for the noise of stochastic samplers (euler_a), as diffusers does with
+    a ``generator``; an image thus depends on its own seed only, not on the global RNG or on the other prompts."""
     import torch
 
     factor = model.pipe.vae_scale_factor
     shape = (per_prompt, model.denoiser.config.in_channels, height // factor, width // factor)
-    return torch.cat([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s)), dtype=torch.float32)
-                      for s in seeds])
+    gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    return torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in gens]), gens
 
 
 def _decode(model: TurboModel, latents):
@@ -140,7 +142,7 @@ def _decode(model: TurboModel, latents):
 
 
 def _run_pipeline(model: TurboModel, job: _Job, p_emb: list, n_emb: list | None, scale: float, rows: list,
-                  latents, callback):
+                  latents, gens: list, callback):
     """One pipeline call for the images ``rows`` (prompt ``r // per_prompt`` each), all at guidance ``scale``;
     ``p_emb``/``n_emb``: one embedding per prompt, which the pipeline repeats for its images."""
     import torch
@@ -154,14 +156,15 @@ def _run_pipeline(model: TurboModel, job: _Job, p_emb: list, n_emb: list | None,
         kwargs.update(prompt_embeds=torch.stack(p_emb),
                       negative_prompt_embeds=None if n_emb is None else torch.stack(n_emb))
     if job.init_image is None:
-        return model.pipe(latents=latents.to(model.device), **kwargs).images
+        return model.pipe(latents=latents.to(model.device), generator=[gens[r // job.per_prompt] for r in rows],
+                          **kwargs).images
     # img2img / inpaint: the init latents get noise from our per-prompt generators (one per prompt, shared by
     # its images); the pipelines take the image as [B,3,H,W] in 0..1 and normalise it themselves
     per = job.per_prompt
-    gens = {i: torch.Generator("cpu").manual_seed(job.seeds[i]) for i in dict.fromkeys(r // per for r in rows)}
+    fresh = {i: torch.Generator("cpu").manual_seed(job.seeds[i]) for i in dict.fromkeys(r // per for r in rows)}
     image = job.init_image[..., :3].permute(0, 3, 1, 2).float().clamp(0, 1)
     kwargs.update(image=image[rows] if image.shape[0] > 1 else image, strength=float(job.denoise),
-                  generator=[gens[r // per] for r in rows])
+                  generator=[fresh[r // per] for r in rows])
     if job.mask is None:
         return _sub_pipeline(model, "img2img")(**kwargs).images
     mask = job.mask.float()
@@ -252,7 +255,7 @@ def _run(model: TurboModel, job: _Job, loras: list, on_step, should_stop, previe
     from .schedulers import scheduler_for
 
     pos = _encode(model, job.prompts, job.max_len, loras, should_stop)
-    noise = _noise(model, job.seeds, job.width, job.height, job.per_prompt)
+    noise, gens = _noise(model, job.seeds, job.width, job.height, job.per_prompt)
     groups: dict[float, list[int]] = {}  # prompts sharing a guidance scale: one pipeline call per group
     for i, (_, scale) in enumerate(job.per):
         groups.setdefault(scale, []).append(i)
@@ -280,7 +283,7 @@ def _run(model: TurboModel, job: _Job, loras: list, on_step, should_stop, previe
             rows = [i * per + j for i in idx for j in range(per)]
             if shown is not None:
                 shown.begin(noise[rows] if job.init_image is None else None)
-            lat_out = _run_pipeline(model, job, [pos[i] for i in idx], negs, scale, rows, noise[rows], cb)
+            lat_out = _run_pipeline(model, job, [pos[i] for i in idx], negs, scale, rows, noise[rows], gens, cb)
             for k, i in enumerate(idx):
                 out_latents[i] = lat_out[k * per : (k + 1) * per]
     finally:

@@ -109,6 +109,32 @@ def test_sd1_generation_and_guidance(sdmodel):
     assert not torch.allclose(g.images[0], out.images[0], atol=1e-4)
 
 
+def test_ancestral_sampler_depends_on_the_seed_only(sdmodel):
+    """euler_a draws fresh noise every step: from the prompt's own seeded generator, never the global RNG."""
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    torch.manual_seed(1)
+    a = small(sdmodel, "a dog\na cat", seed=7, sampler="euler_a", images_per_prompt=2)
+    torch.manual_seed(2)
+    b = small(sdmodel, "a dog\na cat", seed=7, sampler="euler_a", images_per_prompt=2)
+    assert torch.equal(a.images, b.images), "the same seed must give the same image whatever the global RNG holds"
+    cat = small(sdmodel, "a cat", seed=8, sampler="euler_a", images_per_prompt=2)
+    assert torch.allclose(a.images[2:], cat.images, atol=1e-3), "a prompt's images must not depend on the others"
+    assert not torch.allclose(a.images[2], a.images[3], atol=1e-3)
+    # the same as diffusers' own pipeline with a generator of that seed
+    pipe = sdmodel.pipe
+    base = pipe.scheduler
+    try:
+        pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(base.config)
+        with torch.no_grad():
+            bare = pipe("a cat", num_inference_steps=4, guidance_scale=1.0, height=64, width=64, output_type="pt",
+                        generator=torch.Generator("cpu").manual_seed(8)).images
+    finally:
+        pipe.scheduler = base
+    ours = small(sdmodel, "a cat", seed=8, sampler="euler_a", guidance=Guidance(scales=(1.0,)))
+    assert torch.allclose(ours.images[0].permute(2, 0, 1), bare[0].float(), atol=1e-5)
+
+
 @pytest.mark.parametrize("family", ["zimage", "sd1"])
 def test_img2img_and_inpainting(zmodel, sdmodel, family):
     model = zmodel if family == "zimage" else sdmodel
