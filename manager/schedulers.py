@@ -18,7 +18,8 @@ def _flow_multistep(cls):
     """A flow-sigma multistep scheduler that accepts the ``sigmas=``/``mu=`` call of flow pipelines.
 
     Flow pipelines (ZImagePipeline) always pass their own sigma list; the multistep solvers build their flow
-    sigmas from ``flow_shift`` and only need the count.
+    sigmas from ``flow_shift`` and only need the count. The img2img and inpaint pipelines also noise the init
+    latents with ``scale_noise``, which only the flow-matching Euler scheduler has.
     """
 
     class FlowMultistep(cls):
@@ -26,6 +27,12 @@ def _flow_multistep(cls):
             if sigmas is not None:
                 num_inference_steps = len(sigmas)
             return super().set_timesteps(num_inference_steps=num_inference_steps, device=device)
+
+        def scale_noise(self, sample, timestep, noise):
+            """Flow matching's forward process at ``timestep``, where img2img and inpainting start:
+            ``(1 - sigma) * sample + sigma * noise`` with this schedule's own sigma."""
+            sigma = self.sigmas[self.index_for_timestep(timestep.flatten()[0])].to(sample.device, sample.dtype)
+            return sigma * noise + (1.0 - sigma) * sample
 
     FlowMultistep.__name__ = f"Flow{cls.__name__}"
     return FlowMultistep
