@@ -17,6 +17,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from .errors import get_logger
+from .loading import estimate_bytes, file_stamp, load_model
 from .spec import ModelSpec, TurboModel
 
 logger = get_logger(__name__)
@@ -30,17 +31,11 @@ class ModelCache:
         self._items: OrderedDict[ModelSpec, TurboModel] = OrderedDict()
         self._lock = threading.RLock()
         self._listeners: list[Callable[[TurboModel], None]] = []
+        self._load = load_model
         self.loads = 0
-
-    def _load(self, spec: ModelSpec) -> TurboModel:
-        from .loading import load_model
-
-        return load_model(spec)
 
     def get(self, spec: ModelSpec) -> TurboModel:
         """The cached model for ``spec``; loads it on a miss."""
-        from .loading import estimate_bytes, file_stamp
-
         with self._lock:
             model = self._items.get(spec)
             if model is not None and model.extras.get("stamp", "") != file_stamp(spec):
@@ -102,13 +97,12 @@ class ModelCache:
                 logger.exception("model release listener failed")
         return True
 
-    def clear(self) -> int:
-        """Release every model (ComfyUI's "Free model and node cache")."""
+    def clear(self) -> None:
+        """Release every model."""
         with self._lock:
             specs = list(self._items)
         for spec in specs:
             self.release(spec)
-        return len(specs)
 
 
 def _free(model: TurboModel) -> None:

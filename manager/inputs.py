@@ -46,7 +46,7 @@ def seed_list(seed, count: int) -> list[int]:
 def finite_tensor(name: str, tensor) -> None:
     import torch
 
-    if tensor is not None and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
         raise InvalidInputError(f"{name} contains NaN or Inf values; connect a valid image/mask")
 
 

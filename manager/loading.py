@@ -14,12 +14,10 @@ import json
 import logging
 import os
 import re
-import warnings
 
 from .errors import ModelSourceError, UnsafeFileError, WrongFamilyError, explained, get_logger
 from .families import FAMILIES, PIPELINE_FAMILIES, defaults_for, detect_variant
-from .formats import NO_SAFETY_CHECKER, load_sd1_single_file, load_zimage_split
-from .safety import PICKLE_SUFFIXES, check_safetensors
+from .formats import NO_SAFETY_CHECKER, PICKLE_SUFFIXES, check_safetensors, load_sd1_single_file, load_zimage_split
 from .spec import ModelSpec, TurboModel
 
 logger = get_logger(__name__)
@@ -250,12 +248,9 @@ def _open_source(spec: ModelSpec, torch_dtype):
         identity = f"diffusers:{folder}:{fingerprint(_spec_files(spec))}"
     family = inspect_diffusers_folder(folder, spec.family)
     kwargs = NO_SAFETY_CHECKER if family == "sd1" else {}
-    with explained(f"the diffusers model in {folder}"), warnings.catch_warnings():
-        # newer diffusers renamed torch_dtype to dtype; older ones know only torch_dtype
-        warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
-        pipe = defaults_for(family).pipeline_class().from_pretrained(
-            folder, torch_dtype=torch_dtype, use_safetensors=True, local_files_only=True, **kwargs
-        )
+    with explained(f"the diffusers model in {folder}"):
+        cls = defaults_for(family).pipeline_class()
+        pipe = cls.from_pretrained(folder, dtype=torch_dtype, use_safetensors=True, local_files_only=True, **kwargs)
     return pipe, family, identity, commit
 
 
@@ -314,9 +309,8 @@ CAST_LAYERS = ("Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvT
                "Embedding")
 
 
-def store_weights(module, storage, compute) -> int:
-    """Keep ``module``'s layer weights in ``storage`` and give each layer ``compute``-dtype copies while it runs;
-    returns how many layers that covers.
+def store_weights(module, storage, compute) -> None:
+    """Keep ``module``'s layer weights in ``storage`` and give each layer ``compute``-dtype copies while it runs.
 
     Not diffusers' layerwise casting: its hook casts the whole layer up before each call and back down after it,
     two full copies of every weight per call. Casting once into a temporary, as ComfyUI's manual-cast layers do,
@@ -330,14 +324,11 @@ def store_weights(module, storage, compute) -> int:
     skip = list(DEFAULT_SKIP_MODULES_PATTERN)
     for attr in ("_keep_in_fp32_modules", "_skip_layerwise_casting_patterns"):
         skip += list(getattr(module, attr, None) or ())
-    count = 0
     for name, layer in module.named_modules():
         if type(layer).__name__ in CAST_LAYERS and not any(re.search(p, name) for p in skip):
             layer.to(storage)
             layer.register_forward_pre_hook(CastIn(compute))
             layer.register_forward_hook(_restore, always_call=True)
-            count += 1
-    return count
 
 
 class CastIn:

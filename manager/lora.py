@@ -73,16 +73,16 @@ class TurboLora:
             out = {f"diffusion_model.{k}": v for k, v in state_dict.items()}
             for k in state_dict:
                 if k.endswith(".lora_A.weight"):
-                    out[f"diffusion_model.{k[: -len('.lora_A.weight')]}.alpha"] = alpha_t.clone()
-            return cls(family, out, metadata or {}, name)
+                    out[f"diffusion_model.{k.removesuffix('.lora_A.weight')}.alpha"] = alpha_t.clone()
+            return cls(family, out, metadata, name)
         both = {**{f"unet.{k}": v for k, v in state_dict.items()}, **{f"text_encoder.{k}": v for k, v in te.items()}}
         out = {}
         for key, value in convert_state_dict_to_kohya(both).items():
             if key.startswith("lora_te1_"):  # SD1.x kohya names CLIP "lora_te_text_model_..." (ComfyUI reads that)
-                rest = key[len("lora_te1_") :]
+                rest = key.removeprefix("lora_te1_")
                 key = "lora_te_" + (rest if rest.startswith("text_model_") else "text_model_" + rest)
             out[key] = alpha_t.clone() if key.endswith(".alpha") else value
-        return cls(family, out, metadata or {}, name)
+        return cls(family, out, metadata, name)
 
     @property
     def down_keys(self) -> list[str]:
@@ -286,7 +286,7 @@ def load_lora_file(path: str) -> TurboLora:
     from diffusers import StableDiffusionPipeline, ZImagePipeline
     from safetensors.torch import load_file
 
-    from .safety import check_safetensors
+    from .formats import check_safetensors
 
     path = os.fspath(path)
     label = os.path.basename(path)

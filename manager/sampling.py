@@ -118,15 +118,18 @@ def embed_cache(model: TurboModel) -> OrderedDict:
     return model.extras.setdefault("embed_cache", OrderedDict())
 
 
-def _noise(model: TurboModel, seeds: list[int], width: int, height: int, per_prompt: int):
+def _noise(model: TurboModel, job: _Job):
     """(initial noise, generators): prompt i draws its images from its own generator seeded with seed + i, which
     the pipeline then goes on drawing from for the noise of stochastic samplers (euler_a), as diffusers does with
-    a ``generator``; an image thus depends on its own seed only, not on the global RNG or on the other prompts."""
+    a ``generator``; an image thus depends on its own seed only, not on the global RNG or on the other prompts.
+    img2img/inpaint: no initial noise; the pipeline draws the init latents' noise from the fresh generators."""
     import torch
 
+    gens = [torch.Generator("cpu").manual_seed(int(s)) for s in job.seeds]
+    if job.init_image is not None:
+        return None, gens
     factor = model.pipe.vae_scale_factor
-    shape = (per_prompt, model.denoiser.config.in_channels, height // factor, width // factor)
-    gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    shape = (job.per_prompt, model.denoiser.config.in_channels, job.height // factor, job.width // factor)
     return torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in gens]), gens
 
 
@@ -142,13 +145,14 @@ def _decode(model: TurboModel, latents):
 
 
 def _run_pipeline(model: TurboModel, job: _Job, p_emb: list, n_emb: list | None, scale: float, rows: list,
-                  latents, gens: list, callback):
+                  noise, gens: list, callback):
     """One pipeline call for the images ``rows`` (prompt ``r // per_prompt`` each), all at guidance ``scale``;
     ``p_emb``/``n_emb``: one embedding per prompt, which the pipeline repeats for its images."""
     import torch
 
     kwargs = dict(num_inference_steps=job.steps, guidance_scale=scale, height=job.height, width=job.width,
-                  num_images_per_prompt=job.per_prompt, output_type="latent", callback_on_step_end=callback)
+                  num_images_per_prompt=job.per_prompt, output_type="latent", callback_on_step_end=callback,
+                  generator=[gens[r // job.per_prompt] for r in rows])
     if model.family == "zimage":
         kwargs.update(prompt_embeds=p_emb, negative_prompt_embeds=n_emb, cfg_truncation=job.guidance.cfg_truncation,
                       cfg_normalization=job.guidance.cfg_normalization, max_sequence_length=job.max_len)
@@ -156,15 +160,10 @@ def _run_pipeline(model: TurboModel, job: _Job, p_emb: list, n_emb: list | None,
         kwargs.update(prompt_embeds=torch.stack(p_emb),
                       negative_prompt_embeds=None if n_emb is None else torch.stack(n_emb))
     if job.init_image is None:
-        return model.pipe(latents=latents.to(model.device), generator=[gens[r // job.per_prompt] for r in rows],
-                          **kwargs).images
-    # img2img / inpaint: the init latents get noise from our per-prompt generators (one per prompt, shared by
-    # its images); the pipelines take the image as [B,3,H,W] in 0..1 and normalise it themselves
-    per = job.per_prompt
-    fresh = {i: torch.Generator("cpu").manual_seed(job.seeds[i]) for i in dict.fromkeys(r // per for r in rows)}
+        return model.pipe(latents=noise[rows].to(model.device), **kwargs).images
+    # img2img / inpaint: the pipelines take the image as [B,3,H,W] in 0..1 and normalise it themselves
     image = job.init_image[..., :3].permute(0, 3, 1, 2).float().clamp(0, 1)
-    kwargs.update(image=image[rows] if image.shape[0] > 1 else image, strength=float(job.denoise),
-                  generator=[fresh[r // per] for r in rows])
+    kwargs.update(image=image[rows] if image.shape[0] > 1 else image, strength=float(job.denoise))
     if job.mask is None:
         return _sub_pipeline(model, "img2img")(**kwargs).images
     mask = job.mask.float()
@@ -255,7 +254,7 @@ def _run(model: TurboModel, job: _Job, loras: list, on_step, should_stop, previe
     from .schedulers import scheduler_for
 
     pos = _encode(model, job.prompts, job.max_len, loras, should_stop)
-    noise, gens = _noise(model, job.seeds, job.width, job.height, job.per_prompt)
+    noise, gens = _noise(model, job)
     groups: dict[float, list[int]] = {}  # prompts sharing a guidance scale: one pipeline call per group
     for i, (_, scale) in enumerate(job.per):
         groups.setdefault(scale, []).append(i)
@@ -282,8 +281,8 @@ def _run(model: TurboModel, job: _Job, loras: list, on_step, should_stop, previe
             negs = _encode(model, [job.per[i][0] for i in idx], job.max_len, loras, should_stop) if cfg_on else None
             rows = [i * per + j for i in idx for j in range(per)]
             if shown is not None:
-                shown.begin(noise[rows] if job.init_image is None else None)
-            lat_out = _run_pipeline(model, job, [pos[i] for i in idx], negs, scale, rows, noise[rows], gens, cb)
+                shown.begin(None if noise is None else noise[rows])
+            lat_out = _run_pipeline(model, job, [pos[i] for i in idx], negs, scale, rows, noise, gens, cb)
             for k, i in enumerate(idx):
                 out_latents[i] = lat_out[k * per : (k + 1) * per]
     finally:

@@ -17,6 +17,7 @@ from typing import Any
 
 from .errors import InvalidInputError, check_choices
 from .families import VARIANTS, model_defaults
+from .formats import find_tokenizer
 from .paths import confined
 
 FAMILIES = ("auto", "zimage", "sd1")
@@ -24,7 +25,7 @@ DTYPES = ("auto", "fp32", "bf16", "fp16", "fp8_e4m3fn", "fp8_e5m2")
 OFFLOADS = ("none", "model", "sequential")
 KINDS = ("auto", "diffusers", "hub", "split", "single_file")
 CHECKPOINT_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
-REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,6 @@ WHERE_TO_GET = {
     "Z-Image-Turbo": "Tongyi-MAI/Z-Image-Turbo (download the whole repo into models/diffusers/Z-Image-Turbo)",
 }
 _REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$")
-_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def missing_files(source: str, values: dict, available: Callable[[str], list[str]]) -> str | None:
@@ -126,7 +126,7 @@ def missing_files(source: str, values: dict, available: Callable[[str], list[str
 def check_hub_names(repo_id: str, revision: str) -> tuple[str, str]:
     """A repo id ``owner/name`` and a branch, tag or commit; never a path."""
     repo_id, revision = (repo_id or "").strip(), (revision or "main").strip()
-    if not _REPO.match(repo_id) or ".." in repo_id:
+    if not REPO_ID.match(repo_id) or ".." in repo_id:
         raise InvalidInputError(f"repo_id {repo_id!r} must look like 'owner/name', e.g. 'Tongyi-MAI/Z-Image-Turbo'")
     if not _REVISION.match(revision) or ".." in revision:
         raise InvalidInputError(f"revision {revision!r} must be a branch, tag or commit (e.g. 'main'), not a path")
@@ -137,8 +137,6 @@ def spec_for(source: str, values: dict, roots: Callable[[str], list[str]],
              bundled_tokenizer: Callable[[str], str | None], **placement) -> ModelSpec:
     """The ModelSpec for TurboLoader's widgets: ``values`` maps widget names to their values, ``roots(kind)``
     gives ComfyUI's folders of that kind, ``placement`` is family/dtype/device/offload."""
-    from .formats import find_tokenizer
-
     check_choices(source=(source, SOURCES))
 
     def path(widget: str) -> str:
@@ -178,7 +176,6 @@ class TurboModel:
     identity: str  # stable id of the weights (source, revision, file sizes/mtimes) for on-disk cache keys
     device: str = "cpu"
     nbytes: int = 0
-    loras: tuple = field(default=())  # applied TurboLora objects, for models returned by training
     extras: dict = field(default_factory=dict)
     variant: str = ""  # Z-Image: turbo, base or deturbo
     #: held by whoever runs the pipeline or changes its adapters: sampling and training never overlap

@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 from collections.abc import Iterable
+from pathlib import Path
 
 # A handful of merges so that the tokenizers really merge (common English pairs).
 _MERGE_WORDS = (
@@ -164,10 +165,10 @@ def write_tiny_models(root: str, seed: int = 0, formats: Iterable[str] = ("diffu
     Existing complete outputs are reused (a marker file records the seed).
     """
     from . import writers
+    from .paths import atomic_file
 
     formats = tuple(formats)
     root = os.path.abspath(root)
-    os.makedirs(root, exist_ok=True)
     marker = os.path.join(root, "tiny_models.json")
     with contextlib.suppress(OSError, ValueError), open(marker, encoding="utf-8") as f:  # no marker, or unreadable
         info = json.load(f)
@@ -184,8 +185,6 @@ def write_tiny_models(root: str, seed: int = 0, formats: Iterable[str] = ("diffu
         paths["zimage_split"] = writers.save_zimage_split(zimage, root, name="tiny_zimage")
     if "single_file" in formats:
         paths.update(writers.save_sd1_single_file(sd1, root, name="tiny_sd15"))
-    tmp = marker + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"seed": seed, "formats": list(formats), "paths": paths}, f, indent=2)
-    os.replace(tmp, marker)
+    text = json.dumps({"seed": seed, "formats": list(formats), "paths": paths}, indent=2)
+    atomic_file(marker, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return paths

@@ -250,7 +250,6 @@ def save_lora(lora, folder: str, name: str, overwrite: bool = False) -> str:
     """Write ``lora`` to ``folder/<name>.safetensors`` (auto-incremented unless ``overwrite``)."""
     from .lora import save_lora_file
 
-    check_writable(folder)
     stem = safe_name(name.removesuffix(".safetensors"), "turbobooth_lora")
     path = unique_path(folder, stem, ".safetensors", overwrite=overwrite)
     save_lora_file(lora, path)

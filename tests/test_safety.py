@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from turbobooth.manager.errors import ModelSourceError, UnsafeFileError
-from turbobooth.manager.safety import check_safetensors, looks_like_pickle
+from turbobooth.manager.formats import check_safetensors, looks_like_pickle
 
 
 def _safetensors_with_header_length(path, header_len: int, tensors: dict[str, torch.Tensor]) -> None:
