@@ -26,7 +26,7 @@ except ImportError as _e:  # pragma: no cover - depends on the environment
 NODE_CLASS_MAPPINGS = {node_id: cls for node_id, (cls, _) in _NODES.items()}
 NODE_DISPLAY_NAME_MAPPINGS = {node_id: name for node_id, (_, name) in _NODES.items()}
 
-from .routes import register_with_comfyui  # noqa: E402  (the web extension's /turbobooth/ routes)
+from .comfy import register_with_comfyui  # noqa: E402  (the web extension's /turbobooth/ routes)
 
 register_with_comfyui()
 

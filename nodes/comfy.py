@@ -1,10 +1,10 @@
 """The one adapter between TurboBooth and ComfyUI.
 
 Everything that touches ``comfy``, ``folder_paths`` or ``server`` lives here: progress and cancel -> callbacks,
-IMAGE <-> PIL, model folders, and memory sharing with ComfyUI's model management. Node classes also work (and
-are tested) without ComfyUI. ComfyUI's modules are looked up in ``sys.modules`` (ComfyUI imports them before any
-node runs), not imported: the lookups run on every sampling step, and a failed import outside ComfyUI would
-rescan sys.path each time.
+IMAGE <-> PIL, model folders, memory sharing with ComfyUI's model management, and the web extension's live events
+and /turbobooth/ routes. Node classes also work (and are tested) without ComfyUI. ComfyUI's modules are looked
+up in ``sys.modules`` (ComfyUI imports them before any node runs), not imported: the lookups run on every sampling
+step, and a failed import outside ComfyUI would rescan sys.path each time.
 """
 
 from __future__ import annotations
@@ -189,7 +189,6 @@ class TrainProgress(Progress):
 
     def run_started(self, folder: str) -> None:
         self.run_id = os.path.basename(folder)
-        self._t0, self._s0 = time.monotonic(), None
         if self.node_id is not None:
             ACTIVE_RUNS[self.node_id] = {"node": self.node_id, "run": self.run_id, "step": 0, "total": self.total}
         self._send({"phase": "start", "step": 0, "total": self.total})
@@ -216,6 +215,63 @@ class TrainProgress(Progress):
     def _send(self, data: dict) -> None:
         if self.node_id is not None and self.run_id is not None:
             send_event("turbobooth.train", {"node": self.node_id, "run": self.run_id, **data})
+
+
+# ---------------------------------------------------------------- the web extension's routes
+
+NO_STORE = {"Cache-Control": "no-store"}  # the dashboard polls these while a run writes them
+
+
+def training_root() -> str:
+    return os.path.join(output_directory(), "turbobooth_training")
+
+
+def register(routes) -> None:
+    """Add the /turbobooth/ routes to aiohttp's route table ``routes`` (PromptServer.instance.routes).
+
+    GET /turbobooth/runs/{run_id}/log      the steps a DreamBoothTrain run logged (JSON), refills the live chart
+    GET /turbobooth/runs/{run_id}/preview  that run's latest validation image (PNG)
+    GET /turbobooth/active                 the runs in progress, by node id
+
+    A run id is a run folder's name; anything else (unknown, a path, "..") is 404, and nothing outside the
+    training root's run folders is read.
+    """
+    from aiohttp import web
+
+    @routes.get("/turbobooth/runs/{run_id}/log")
+    async def get_run_log(request):
+        from ..trainer.runs import PREVIEW, read_step_log, run_path
+
+        run_id = request.match_info["run_id"]
+        steps = read_step_log(training_root(), run_id)
+        if steps is None:
+            return web.json_response({"error": "unknown run"}, status=404)
+        preview = run_path(training_root(), run_id, PREVIEW) is not None
+        return web.json_response({"run": run_id, "steps": steps, "preview": preview}, headers=NO_STORE)
+
+    @routes.get("/turbobooth/runs/{run_id}/preview")
+    async def get_run_preview(request):
+        from ..trainer.runs import PREVIEW, run_path
+
+        path = run_path(training_root(), request.match_info["run_id"], PREVIEW)
+        if path is None:
+            return web.json_response({"error": "no preview"}, status=404)
+        return web.FileResponse(path, headers=NO_STORE)
+
+    @routes.get("/turbobooth/active")
+    async def get_active(request):
+        return web.json_response({"runs": list(ACTIVE_RUNS.values())}, headers=NO_STORE)
+
+
+def register_with_comfyui() -> None:
+    """Register the routes on the running PromptServer (nothing outside ComfyUI)."""
+    srv = prompt_server()
+    if srv is None:
+        return
+    try:
+        register(srv.routes)
+    except Exception:  # a host without aiohttp routes: the dashboard then only shows live events
+        logger.warning("could not register the /turbobooth/ routes", exc_info=True)
 
 
 # ---------------------------------------------------------------- images

@@ -104,10 +104,13 @@ class TurboSample(host.Node, returns={"images": "IMAGE", "latent": "LATENT"}, fu
                guidance=None, lora=None, lora_strength=1.0, lora_file=host.NONE, lora_file_strength=1.0,
                init_image=None, mask=None, denoise=1.0, lora_2=None, lora_2_strength=1.0):
         from ..manager.cache import ensure_loaded
+        from ..manager.lora import load_lora_file
         from ..manager.sampling import generate
 
         model = ensure_loaded(model)
-        loras = _loras(((lora, lora_strength), (lora_2, lora_2_strength)), lora_file, lora_file_strength)
+        path = host.full_path("loras", lora_file)  # unconnected LoRAs (None) are skipped by generate
+        loras = [(lora, lora_strength), (lora_2, lora_2_strength),
+                 (load_lora_file(path) if path else None, lora_file_strength)]
         host.share_memory(model)
         sized = init_image is None  # img2img takes the init image's size
         result = generate(
@@ -119,13 +122,3 @@ class TurboSample(host.Node, returns={"images": "IMAGE", "latent": "LATENT"}, fu
         )
         return (result.images, {"samples": result.latents})
 
-
-def _loras(connected, lora_file: str, lora_file_strength: float) -> list:
-    """(TurboLora, strength) pairs: the connected ones, then the file picked from models/loras."""
-    loras = [(adapter, strength) for adapter, strength in connected if adapter is not None]
-    path = host.full_path("loras", lora_file)
-    if path is not None:
-        from ..manager.lora import load_lora_file
-
-        loras.append((load_lora_file(path), lora_file_strength))
-    return loras

@@ -7,7 +7,6 @@ import os
 from ..manager.inputs import MAX_SEED
 from ..trainer.config import MEMORY_CHOICES
 from . import comfy as host
-from .routes import training_root
 
 CATEGORY = "TurboBooth/DreamBooth"
 
@@ -143,7 +142,7 @@ def _train(model, config, run_name, instance_images, class_images, progress):
     try:
         with torch.inference_mode(False), torch.enable_grad():
             result = train_in_run_folder(
-                model, config, training_root(), run_name, host.image_to_pils(instance_images),
+                model, config, host.training_root(), run_name, host.image_to_pils(instance_images),
                 class_images=host.image_to_pils(class_images) if config.with_prior_preservation else None,
                 on_step=progress, should_stop=host.interrupted, on_run=progress.run_started)
         return result
@@ -166,7 +165,7 @@ def _train_config(model, w: dict):
         checkpoint_every=int(w["checkpoint_every"]), validation_every=int(w["validation_every"]),
         validation_prompt=w["validation_prompt"] or "", validation_seed=int(w["seed"]),
         training_adapter=host.full_path("loras", w["training_adapter"]),
-        output_dir=training_root(), memory=w["memory"], caption_dropout=float(w["caption_dropout"]),
+        output_dir=host.training_root(), memory=w["memory"], caption_dropout=float(w["caption_dropout"]),
         dop_weight=float(w["dop_weight"]), dop_class=(w["dop_class"] or "").strip(), ema_decay=float(w["ema_decay"]),
         captions=caption_lines(w["captions"] or ""), cache_to_disk=bool(w["cache_to_disk"]),
     )
