@@ -39,8 +39,8 @@ def run_demo(out: str, seed: int = 0, steps: int = 30):
     from .manager.tiny import write_tiny_models
     from .manager.writers import save_lora
     from .trainer.config import TrainConfig
-    from .trainer.loop import train
     from .trainer.priors import PriorCache
+    from .trainer.runs import train
 
     out = os.path.abspath(out)
     size = 64

@@ -18,7 +18,7 @@ otherwise (then every step trains one instance and one class image).
 this python, offline (``HF_HUB_OFFLINE=1``), on the tiny models written as
 diffusers folders, with the same settings as the TurboBooth run, which runs
 in a child process of its own: the model loaded from the same folder by
-``trainer.cli.load_pipeline_model``, ``trainer.loop.train`` on the same image
+``trainer.cli.load_pipeline_model``, ``trainer.runs.train`` on the same image
 folders, the LoRA saved with ``manager.lora.save_lora_file``. Both children
 start through the same launcher in this file (``--launch``), which registers
 a global ``torch.optim`` step post-hook, so the step time of either side is
@@ -185,7 +185,7 @@ def now() -> tuple[float, float]:
 
 def run_turbobooth(family: str, mode: str, steps: int, workdir: str) -> tuple[list, tuple]:
     from turbobooth.trainer.config import TrainConfig
-    from turbobooth.trainer.loop import train
+    from turbobooth.trainer.runs import train
 
     model = tiny_model(family)
     config = TrainConfig(
@@ -666,7 +666,7 @@ def run_turbobooth_cli(spec: dict) -> None:
     from turbobooth.manager.lora import save_lora_file
     from turbobooth.trainer.cli import load_pipeline_model
     from turbobooth.trainer.config import TrainConfig
-    from turbobooth.trainer.loop import train
+    from turbobooth.trainer.runs import train
 
     quiet()
     prior = spec["class_dir"] is not None

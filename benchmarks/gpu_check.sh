@@ -19,7 +19,7 @@
 #
 # 1. sampling at 1024², 8 steps, guidance 0: TurboSample (turbobooth.manager.sampling.generate) against a bare
 #    ZImagePipeline call, interleaved rounds after a warm-up of each; seconds, ratio, max pixel difference, peak;
-# 2. for each plan of trainer.memory.PLANS at 512² and 1024²: the project's own trainer.loop.train (batch 1,
+# 2. for each plan of trainer.memory.PLANS at 512² and 1024²: the project's own trainer.runs.train (batch 1,
 #    rank 16, mixed_precision bf16, --steps steps): torch.cuda.max_memory_allocated / max_memory_reserved over
 #    the run, seconds per optimizer step (median after the first), and trainer.memory.estimate beside them;
 # 3. the bare step of bench_memory.py (peft add_adapter, the project's flow-matching objective, AdamW or
@@ -275,7 +275,7 @@ def estimates(model, plan_name: str, res: int) -> dict:
 
 def train_plan(model, plan_name: str, res: int):
     from turbobooth.trainer.config import TrainConfig
-    from turbobooth.trainer.loop import train
+    from turbobooth.trainer.runs import train
 
     with measured(result["train"], f"{plan_name}_{res}") as entry:
         if entry is None:

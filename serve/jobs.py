@@ -102,7 +102,7 @@ class JobRunner:
     def _train(self, job_id: str) -> None:
         from PIL import Image
         from turbobooth.manager.lora import save_lora_file
-        from turbobooth.trainer.loop import train
+        from turbobooth.trainer.runs import train
 
         from .personalize import train_config
 

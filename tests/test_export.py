@@ -16,7 +16,7 @@ from turbobooth.manager.sampling import generate
 from turbobooth.manager.spec import ModelSpec, TurboModel
 from turbobooth.manager.tiny import build_tiny_sd1, build_tiny_zimage
 from turbobooth.manager.writers import save_lora, save_model
-from turbobooth.trainer import loop
+from turbobooth.trainer import runs
 from turbobooth.trainer.config import TrainConfig
 
 
@@ -30,7 +30,7 @@ def zlora(tmp_path_factory):
     model = TurboModel(ModelSpec("tiny"), "zimage", pipe, "tiny-zimage")
     cfg = TrainConfig(family="zimage", resolution=32, steps=2, lr=1e-3, rank=4, log_tensorboard=False,
                       output_dir=str(tmp_path_factory.mktemp("run")), instance_prompt="a photo of sks dog")
-    return loop.train(model, cfg, _squares(32)).lora
+    return runs.train(model, cfg, _squares(32)).lora
 
 
 @pytest.mark.parametrize(
@@ -89,7 +89,7 @@ def test_full_finetune_saves_as_folder_and_sd1_single_file(tmp_path):
     base = TurboModel(ModelSpec("tiny"), "sd1", pipe, "tiny-sd1")
     cfg = TrainConfig(family="sd1", resolution=64, steps=2, lr=1e-3, train_mode="full", log_tensorboard=False,
                       output_dir=str(tmp_path / "run"), instance_prompt="a photo of sks dog")
-    tuned = loop.train(base, cfg, _squares(64)).model
+    tuned = runs.train(base, cfg, _squares(64)).model
     folder = save_model(tuned, str(tmp_path / "diffusers"), "sks full")
     single = save_model(tuned, str(tmp_path / "checkpoints"), "sks full", "single file (SD1.x)")
     assert os.path.isfile(os.path.join(folder, "model_index.json")) and single.endswith("sks full.safetensors")

@@ -120,7 +120,7 @@ def test_cancel_stops_between_steps(tiny, monkeypatch):
 def test_two_loras_stack_and_leave_the_base_untouched(tiny, tmp_path):
     from PIL import Image
     from turbobooth.trainer.config import TrainConfig
-    from turbobooth.trainer.loop import train
+    from turbobooth.trainer.runs import train
 
     model = load(tiny)
     before = {k: v.clone() for k, v in model.denoiser.state_dict().items()}

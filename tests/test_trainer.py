@@ -13,8 +13,10 @@ from turbobooth.manager import sampling
 from turbobooth.manager.errors import InvalidInputError, WrongFamilyError
 from turbobooth.manager.spec import ModelSpec, TurboModel
 from turbobooth.manager.tiny import build_tiny_sd1, build_tiny_zimage
-from turbobooth.trainer import loop
+from turbobooth.trainer import runs
+from turbobooth.trainer.cache import _encode_latents, _encode_prompt
 from turbobooth.trainer.config import TrainConfig
+from turbobooth.trainer.objective import _Objective
 
 RED = [(250, 20, 20), (235, 45, 15), (255, 0, 40)]
 BLUE = [(20, 20, 250), (40, 60, 230), (10, 30, 200), (60, 60, 255)]
@@ -57,9 +59,9 @@ def zmodel():
 
 def _eval_loss(model, images, prompt, positions=range(1000, 1024)):
     """The training objective on fixed noise/timesteps (positions), averaged."""
-    latents = loop._encode_latents(model.pipe, model.family, images, "cpu")
-    emb = loop._encode_prompt(model.pipe, model.family, prompt, "cpu")
-    obj = loop._Objective(model.pipe, model.family, 0)
+    latents = _encode_latents(model.pipe, model.family, images, "cpu")
+    emb = _encode_prompt(model.pipe, model.family, prompt, "cpu")
+    obj = _Objective(model.pipe, model.family, 0)
     pos = list(positions)
     lat = torch.stack([latents[i % len(latents)] for i in range(len(pos))])
     cond = [emb] * len(pos) if model.family == "zimage" else torch.stack([emb] * len(pos))
@@ -74,7 +76,7 @@ def test_training_lowers_instance_loss_and_leaves_base_untouched(zmodel, tmp_pat
     images = _squares(RED)
     base_loss = _eval_loss(zmodel, images, "a photo of sks dog")
     steps = []
-    result = loop.train(zmodel, _cfg(tmp_path, steps=25, lr=1e-2), images,
+    result = runs.train(zmodel, _cfg(tmp_path, steps=25, lr=1e-2), images,
                         on_step=lambda s, t, p: steps.append((s, t)))
     assert steps == [(i, 25) for i in range(1, 26)]
     assert result.lora is not None and result.model is None and not result.stopped
@@ -94,20 +96,20 @@ def test_training_lowers_instance_loss_and_leaves_base_untouched(zmodel, tmp_pat
 def test_every_element_keeps_its_own_prompt(zmodel, tmp_path, monkeypatch):
     """Class images must be paired with the class prompt, instance images with their own prompt."""
     seen = []
-    real = loop._Objective.predict_and_target
+    real = _Objective.predict_and_target
 
     def spy(self, denoiser, latents, cond, positions, device, dtype):
         seen.append((latents.clone(), [c.clone() for c in cond]))
         return real(self, denoiser, latents, cond, positions, device, dtype)
 
-    monkeypatch.setattr(loop._Objective, "predict_and_target", spy)
+    monkeypatch.setattr(_Objective, "predict_and_target", spy)
     inst, cls = _squares(RED), _squares(BLUE)
-    loop.train(zmodel, _cfg(tmp_path, steps=3, batch_size=2, with_prior_preservation=True, num_class_images=4),
+    runs.train(zmodel, _cfg(tmp_path, steps=3, batch_size=2, with_prior_preservation=True, num_class_images=4),
                inst, class_images=cls)
-    inst_lat = loop._encode_latents(zmodel.pipe, "zimage", inst, "cpu")
-    cls_lat = loop._encode_latents(zmodel.pipe, "zimage", cls, "cpu")
-    inst_emb = loop._encode_prompt(zmodel.pipe, "zimage", "a photo of sks dog", "cpu")
-    cls_emb = loop._encode_prompt(zmodel.pipe, "zimage", "a photo of dog", "cpu")
+    inst_lat = _encode_latents(zmodel.pipe, "zimage", inst, "cpu")
+    cls_lat = _encode_latents(zmodel.pipe, "zimage", cls, "cpu")
+    inst_emb = _encode_prompt(zmodel.pipe, "zimage", "a photo of sks dog", "cpu")
+    cls_emb = _encode_prompt(zmodel.pipe, "zimage", "a photo of dog", "cpu")
     assert len(seen) == 3
     for latents, cond in seen:
         assert latents.shape[0] == len(cond) == 4
@@ -129,7 +131,7 @@ def _normalise_latents(model, images):
     """
     vae = model.pipe.vae
     vae.register_to_config(scaling_factor=1.0, shift_factor=0.0)
-    raw = loop._encode_latents(model.pipe, model.family, images, "cpu")
+    raw = _encode_latents(model.pipe, model.family, images, "cpu")
     vae.register_to_config(scaling_factor=float(1.0 / raw.std()), shift_factor=float(raw.mean()))
 
 
@@ -140,9 +142,9 @@ def _fit_base(model, images, prompt, steps, lr, batch=4):
     is first taught what ``prompt`` looks like.
     """
     denoiser = model.denoiser
-    latents = loop._encode_latents(model.pipe, model.family, images, "cpu")
-    emb = loop._encode_prompt(model.pipe, model.family, prompt, "cpu")
-    objective = loop._Objective(model.pipe, model.family, 1)
+    latents = _encode_latents(model.pipe, model.family, images, "cpu")
+    emb = _encode_prompt(model.pipe, model.family, prompt, "cpu")
+    objective = _Objective(model.pipe, model.family, 1)
     optimizer = torch.optim.AdamW(denoiser.parameters(), lr=lr, weight_decay=0.0)
     denoiser.requires_grad_(True)
     denoiser.train()
@@ -199,7 +201,7 @@ def test_prior_preservation_keeps_class_outputs_near_the_base(tmp_path):
         for prior in (False, True):
             cfg = _cfg(tmp_path, f"prior{prior}", steps=150, lr=5e-3, instance_prompt=instance_prompt,
                        class_prompt=class_prompt, with_prior_preservation=prior, num_class_images=len(cls))
-            lora = [(loop.train(model, cfg, inst, class_images=cls if prior else None).lora, 1.0)]
+            lora = [(runs.train(model, cfg, inst, class_images=cls if prior else None).lora, 1.0)]
             drift[prior] = change(outputs(class_prompt, lora), base_class)
             learned[prior] = change(outputs(instance_prompt, lora), base_instance)
 
@@ -215,17 +217,17 @@ def test_resume_is_bit_exact(zmodel, tmp_path):
     inst, cls = _squares(RED), _squares(BLUE)
     kw = dict(steps=6, lr=3e-3, lr_scheduler="cosine", lr_warmup_steps=1, batch_size=2,
               gradient_accumulation_steps=2, with_prior_preservation=True, num_class_images=4)
-    full = loop.train(zmodel, _cfg(tmp_path, "full", **kw), inst, class_images=cls)
+    full = runs.train(zmodel, _cfg(tmp_path, "full", **kw), inst, class_images=cls)
 
     done = []
     cfg = _cfg(tmp_path, "split", checkpoint_every=2, keep_last=1, **kw)
-    first = loop.train(zmodel, cfg, inst, class_images=cls, on_step=lambda s, t, p: done.append(s),
+    first = runs.train(zmodel, cfg, inst, class_images=cls, on_step=lambda s, t, p: done.append(s),
                        should_stop=lambda: len(done) >= 3)
     assert first.stopped and first.step == 3 and done == [1, 2, 3]
     assert first.checkpoint_dir.endswith("checkpoint-3")
     # keep_last=1: checkpoint-2 was pruned when checkpoint-3 was written
     assert sorted(n for n in os.listdir(cfg.output_dir) if n.startswith("checkpoint-")) == ["checkpoint-3"]
-    second = loop.train(zmodel, cfg.replace(resume="latest"), inst, class_images=cls)
+    second = runs.train(zmodel, cfg.replace(resume="latest"), inst, class_images=cls)
     assert not second.stopped and second.step == 6
     assert _same_lora(second.lora, full.lora)
     assert second.losses == full.losses
@@ -234,39 +236,39 @@ def test_resume_is_bit_exact(zmodel, tmp_path):
 def test_pre_existing_or_generated_class_images_train_the_same(zmodel, tmp_path):
     kw = dict(steps=3, with_prior_preservation=True, num_class_images=2, class_steps=2,
               class_data_dir=str(tmp_path / "priors"))
-    generated = loop.train(zmodel, _cfg(tmp_path, "a", **kw), _squares(RED))
-    cached = loop.train(zmodel, _cfg(tmp_path, "b", **kw), _squares(RED))
+    generated = runs.train(zmodel, _cfg(tmp_path, "a", **kw), _squares(RED))
+    cached = runs.train(zmodel, _cfg(tmp_path, "b", **kw), _squares(RED))
     assert _same_lora(generated.lora, cached.lora)
     # a third run that finds only one of the two images tops up and still matches
     folder = [os.path.join(r, d) for r, ds, _ in os.walk(kw["class_data_dir"]) for d in ds][0]
     os.remove(sorted(p for p in (os.path.join(folder, n) for n in os.listdir(folder)) if p.endswith(".png"))[-1])
-    topped = loop.train(zmodel, _cfg(tmp_path, "c", **kw), _squares(RED))
+    topped = runs.train(zmodel, _cfg(tmp_path, "c", **kw), _squares(RED))
     assert _same_lora(generated.lora, topped.lora)
 
 
 def test_bad_inputs(zmodel, tmp_path):
     with pytest.raises(InvalidInputError, match="no instance images"):
-        loop.train(zmodel, _cfg(tmp_path), [])
+        runs.train(zmodel, _cfg(tmp_path), [])
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(InvalidInputError, match="not writable"):
-        loop.train(zmodel, _cfg(tmp_path, output_dir=str(blocker / "sub")), _squares(RED))
+        runs.train(zmodel, _cfg(tmp_path, output_dir=str(blocker / "sub")), _squares(RED))
     with pytest.raises(WrongFamilyError, match="model is 'sd1'"):
-        loop.train(_model("sd1"), _cfg(tmp_path), _squares(RED))
+        runs.train(_model("sd1"), _cfg(tmp_path), _squares(RED))
     with pytest.raises(InvalidInputError, match="GB free"):
-        loop.train(zmodel, _cfg(tmp_path, min_free_disk_gb=1e9), _squares(RED))
+        runs.train(zmodel, _cfg(tmp_path, min_free_disk_gb=1e9), _squares(RED))
     with pytest.raises(InvalidInputError, match="not a complete TurboBooth checkpoint"):
-        loop.train(zmodel, _cfg(tmp_path, resume=str(tmp_path / "nothing")), _squares(RED))
+        runs.train(zmodel, _cfg(tmp_path, resume=str(tmp_path / "nothing")), _squares(RED))
 
 
 def test_checkpoint_from_another_model_or_config_is_refused(zmodel, tmp_path):
     cfg = _cfg(tmp_path, "ck", steps=2, checkpoint_every=2)
-    loop.train(zmodel, cfg, _squares(RED))
+    runs.train(zmodel, cfg, _squares(RED))
     other = _model("zimage", identity="another-model@abc")
     with pytest.raises(InvalidInputError, match="another-model@abc|made for model"):
-        loop.train(other, cfg.replace(resume="latest"), _squares(RED))
+        runs.train(other, cfg.replace(resume="latest"), _squares(RED))
     with pytest.raises(InvalidInputError, match="settings differ.*lr"):
-        loop.train(zmodel, cfg.replace(resume="latest", lr=0.5), _squares(RED))
+        runs.train(zmodel, cfg.replace(resume="latest", lr=0.5), _squares(RED))
 
 
 def test_validation_preview_and_training_adapter(zmodel, tmp_path):
@@ -280,7 +282,7 @@ def test_validation_preview_and_training_adapter(zmodel, tmp_path):
     adapter = L.save_lora_file(adapter_lora, str(tmp_path / "adapter.safetensors"))
     before = _state(zmodel.denoiser)
     previews = []
-    result = loop.train(zmodel, _cfg(tmp_path, steps=2, validation_every=1, validation_prompt="a photo of sks dog",
+    result = runs.train(zmodel, _cfg(tmp_path, steps=2, validation_every=1, validation_prompt="a photo of sks dog",
                                      validation_steps=2, training_adapter=adapter),
                         _squares(RED), on_step=lambda s, t, p: previews.append(p))
     assert all(isinstance(p, Image.Image) and p.size == (32, 32) for p in previews) and len(previews) == 2
@@ -298,7 +300,7 @@ def test_validation_image_is_logged_to_tensorboard(zmodel, tmp_path):
     previews = []
     cfg = _cfg(tmp_path, "tb", steps=4, validation_every=2, validation_prompt="a photo of sks dog",
                validation_steps=1, log_tensorboard=True)
-    loop.train(zmodel, cfg, _squares(RED), on_step=lambda s, t, p: previews.append(p))
+    runs.train(zmodel, cfg, _squares(RED), on_step=lambda s, t, p: previews.append(p))
     events = EventAccumulator(os.path.join(cfg.output_dir, "logs"), size_guidance={"images": 0}).Reload()
     assert "validation" in events.Tags()["images"] and "loss" in events.Tags()["scalars"]
     images = events.Images("validation")
@@ -312,11 +314,11 @@ def test_sd1_lora_with_text_encoder_and_full_finetune(tmp_path):
     model = _model("sd1")
     unet_before, te_before = _state(model.denoiser), _state(model.pipe.text_encoder)
     kw = dict(family="sd1", resolution=64, steps=2, lr=1e-3)
-    lora = loop.train(model, _cfg(tmp_path, "l", train_text_encoder=True, **kw), _squares(RED, 64)).lora
+    lora = runs.train(model, _cfg(tmp_path, "l", train_text_encoder=True, **kw), _squares(RED, 64)).lora
     assert lora.touches_text_encoder and lora.family == "sd1"
     path = L.save_lora_file(lora, str(tmp_path / "sd1.safetensors"))
     assert _same_lora(L.load_lora_file(path), lora)
-    full = loop.train(model, _cfg(tmp_path, "f", train_mode="full", train_text_encoder=True, **kw),
+    full = runs.train(model, _cfg(tmp_path, "f", train_mode="full", train_text_encoder=True, **kw),
                       _squares(RED, 64))
     assert full.lora is None and full.model is not None and full.model.pipe is not model.pipe
     assert full.model.identity.startswith("tiny-sd1|finetune:")
@@ -343,31 +345,31 @@ def test_diverging_loss_stops_with_a_clear_error_and_writes_nothing_non_finite(z
     before = _state(zmodel.denoiser)
     cfg = _cfg(tmp_path, "nan", steps=10, lr=1e6, checkpoint_every=1, keep_last=20)
     with pytest.raises(InvalidInputError, match=r"loss became NaN at step \d+; lower the learning rate"):
-        loop.train(zmodel, cfg, _squares(RED))
+        runs.train(zmodel, cfg, _squares(RED))
     n, finite = _finite_files(cfg.output_dir)
     assert n >= 1 and finite
     assert _same_state(before, zmodel.denoiser)
 
 
 def test_injected_nan_never_reaches_a_checkpoint(zmodel, tmp_path, monkeypatch):
-    real, calls = loop._Objective.predict_and_target, []
+    real, calls = _Objective.predict_and_target, []
 
     def poisoned(self, *args):
         pred, target = real(self, *args)
         calls.append(1)
         return (pred * float("nan"), target) if len(calls) == 3 else (pred, target)
 
-    monkeypatch.setattr(loop._Objective, "predict_and_target", poisoned)
+    monkeypatch.setattr(_Objective, "predict_and_target", poisoned)
     cfg = _cfg(tmp_path, "inject", steps=5, checkpoint_every=1, keep_last=9)
     with pytest.raises(InvalidInputError, match="loss became NaN at step 3"):
-        loop.train(zmodel, cfg, _squares(RED))
+        runs.train(zmodel, cfg, _squares(RED))
     names = sorted(n for n in os.listdir(cfg.output_dir) if not n.startswith("loss"))
     assert names == ["checkpoint-1", "checkpoint-2"] and _finite_files(cfg.output_dir)[1]
 
 
 def test_largest_seed_trains_and_generates_class_images(zmodel, tmp_path):
     seed = 2**64 - 1
-    result = loop.train(zmodel, _cfg(tmp_path, steps=1, seed=seed, with_prior_preservation=True, num_class_images=5,
+    result = runs.train(zmodel, _cfg(tmp_path, steps=1, seed=seed, with_prior_preservation=True, num_class_images=5,
                                      class_steps=1, validation_every=1, validation_prompt="a photo of sks dog",
                                      validation_seed=seed, validation_steps=1), _squares(RED))
     assert result.step == 1 and result.lora.metadata["seed"] == str(seed)
@@ -382,7 +384,7 @@ def test_cancel_while_caching_latents_or_prompts(zmodel, tmp_path, monkeypatch):
     for stop_at, match, n in ((2, "caching image latents", 2), (3, "encoding prompts", 3)):
         asked, encoded[:] = [], []
         with pytest.raises(Interrupted, match=match):
-            loop.train(zmodel, _cfg(tmp_path, steps=2), _squares(RED),
+            runs.train(zmodel, _cfg(tmp_path, steps=2), _squares(RED),
                        should_stop=lambda asked=asked, stop_at=stop_at: asked.append(1) or len(asked) > stop_at)
         assert len(encoded) == n
     assert not os.path.exists(_cfg(tmp_path).output_dir)  # nothing was trained, so no run folder either
@@ -401,13 +403,12 @@ def test_failed_checkpoint_write_leaves_no_temp_folder(zmodel, tmp_path, monkeyp
     before = _state(zmodel.denoiser)
     cfg = _cfg(tmp_path, "full-disk", steps=2, checkpoint_every=1)
     with pytest.raises(WriteError, match=r"checkpoint-1: the disk is full .* MiB more needed"):
-        loop.train(zmodel, cfg, _squares(RED))
+        runs.train(zmodel, cfg, _squares(RED))
     assert os.listdir(cfg.output_dir) == []
     assert _same_state(before, zmodel.denoiser)
 
 
 def test_saved_files_honour_the_umask(zmodel, tmp_path):
-    from turbobooth.trainer import runs
 
     old = os.umask(0o022)
     try:
@@ -436,7 +437,7 @@ def test_training_holds_the_model_lock(zmodel, tmp_path):
         t.start()
         t.join()
 
-    loop.train(zmodel, _cfg(tmp_path, steps=2), _squares(RED), on_step=probe)
+    runs.train(zmodel, _cfg(tmp_path, steps=2), _squares(RED), on_step=probe)
     assert seen == [False, False]
     assert zmodel.lock.acquire(blocking=False)
     zmodel.lock.release()
@@ -449,7 +450,7 @@ def test_training_adapter_of_the_wrong_family_is_refused(zmodel, tmp_path):
     path = L.save_lora_file(sd1, str(tmp_path / "sd1.safetensors"))
     before = _state(zmodel.denoiser)
     with pytest.raises(WrongFamilyError, match="is a sd1 LoRA"):
-        loop.train(zmodel, _cfg(tmp_path, steps=1, training_adapter=path), _squares(RED))
+        runs.train(zmodel, _cfg(tmp_path, steps=1, training_adapter=path), _squares(RED))
     assert _same_state(before, zmodel.denoiser)
 
 
@@ -459,7 +460,7 @@ def test_accelerator_keeps_the_model_device_and_auto_precision(zmodel, tmp_path)
     acc = state.make_accelerator(_cfg(tmp_path, mixed_precision="auto"), torch.device("cpu"), str(tmp_path))
     assert acc.device_placement is False and acc.mixed_precision == "no"
     assert state.resolve_precision("auto", torch.device("cpu")) == "no"
-    result = loop.train(zmodel, _cfg(tmp_path, steps=1, mixed_precision="auto"), _squares(RED))
+    result = runs.train(zmodel, _cfg(tmp_path, steps=1, mixed_precision="auto"), _squares(RED))
     assert result.step == 1
 
 
@@ -471,7 +472,7 @@ def test_missing_tensorboard_warns_once(zmodel, tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(state, "_warned_tensorboard", False)
     with caplog.at_level("WARNING"):
         for name in ("tb1", "tb2"):
-            loop.train(zmodel, _cfg(tmp_path, name, steps=1, log_tensorboard=True), _squares(RED))
+            runs.train(zmodel, _cfg(tmp_path, name, steps=1, log_tensorboard=True), _squares(RED))
     assert caplog.text.count("tensorboard is not installed") == 1
 
 
@@ -483,10 +484,10 @@ def test_full_finetune_resume_is_bit_exact(tmp_path):
     done = []
     cfg = _cfg(tmp_path, "split", checkpoint_every=2, **kw)
     with _one_thread():
-        full = loop.train(model, _cfg(tmp_path, "whole", **kw), _squares(RED, 64))
-        first = loop.train(model, cfg, _squares(RED, 64), on_step=lambda s, t, p: done.append(s),
+        full = runs.train(model, _cfg(tmp_path, "whole", **kw), _squares(RED, 64))
+        first = runs.train(model, cfg, _squares(RED, 64), on_step=lambda s, t, p: done.append(s),
                            should_stop=lambda: len(done) >= 2)
-        second = loop.train(model, cfg.replace(resume="latest"), _squares(RED, 64))
+        second = runs.train(model, cfg.replace(resume="latest"), _squares(RED, 64))
     assert first.stopped and first.step == 2
     assert {"model.safetensors", "model_1.safetensors"} <= set(os.listdir(first.checkpoint_dir))
     for a, b in ((full.model.pipe.unet, second.model.pipe.unet),
@@ -496,7 +497,6 @@ def test_full_finetune_resume_is_bit_exact(tmp_path):
 
 
 def test_requeue_resumes_or_reuses_the_run_folder(tmp_path):
-    from turbobooth.trainer import runs
 
     model, root, seen = _model("zimage"), str(tmp_path / "runs"), []
 
@@ -514,7 +514,7 @@ def test_requeue_resumes_or_reuses_the_run_folder(tmp_path):
     assert _same_lora(run(fresh, cfg).lora, first.lora) and seen == []
     more = run(model, cfg.replace(steps=4))  # more steps: resumes at checkpoint-2
     assert seen == [3, 4]
-    assert _same_lora(more.lora, loop.train(model, _cfg(tmp_path, "straight", steps=4), _squares(RED)).lora)
+    assert _same_lora(more.lora, runs.train(model, _cfg(tmp_path, "straight", steps=4), _squares(RED)).lora)
     assert len(os.listdir(root)) == 1
     run(model, cfg.replace(lr=2e-3, steps=1))  # a trajectory setting: another folder
     run(model, cfg.replace(steps=1), BLUE)  # other images: another folder
@@ -527,8 +527,8 @@ def test_dreambooth_node_reuses_a_finished_run(tmp_path, monkeypatch):
 
     monkeypatch.setattr(host, "output_directory", lambda: str(tmp_path))
     model, calls = _model("zimage"), []
-    real = loop.train
-    monkeypatch.setattr(loop, "train", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = runs.train
+    monkeypatch.setattr(runs, "train", lambda *a, **k: calls.append(1) or real(*a, **k))
     node = turbobooth.NODE_CLASS_MAPPINGS["TurboBoothDreamBoothTrain"]()
     images = torch.rand(3, 32, 32, 3)
     args = dict(instance_prompt="a photo of sks dog", class_prompt="a photo of dog", steps=2, learning_rate=1e-3,
@@ -565,10 +565,10 @@ def test_dop_gradient_reaches_only_the_lora(tmp_path):
     denoiser.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"], init_lora_weights=False),
                          adapter_name=A.ADAPTER)
     try:
-        emb = loop._encode_prompt(model.pipe, "zimage", "a photo of dog", "cpu")
-        lat = loop._encode_latents(model.pipe, "zimage", _squares(RED[:2]), "cpu")
+        emb = _encode_prompt(model.pipe, "zimage", "a photo of dog", "cpu")
+        lat = _encode_latents(model.pipe, "zimage", _squares(RED[:2]), "cpu")
         batch = Batch([lat[0], lat[1]], [0, 0], [False, False], [3, 4])
-        objective = loop._Objective(model.pipe, "zimage", 0)
+        objective = _Objective(model.pipe, "zimage", 0)
         passes = []
 
         @contextlib.contextmanager
@@ -609,7 +609,7 @@ def test_dop_keeps_class_outputs_nearer_the_base_over_several_seeds(tmp_path, ca
             for dop in (0.0, 1.0):
                 cfg = _cfg(tmp_path, f"dop{seed}-{dop}", steps=60, lr=5e-3, seed=seed, instance_prompt=instance_prompt,
                            class_prompt=class_prompt, dop_weight=dop, dop_class="dog")
-                lora = loop.train(model, cfg, _squares(RED)).lora
+                lora = runs.train(model, cfg, _squares(RED)).lora
                 drift[dop] = float((outputs([(lora, 1.0)]) - base).abs().mean())
             figures[seed] = drift
     print("DOP drift of the class prompt (without, with):", {s: (round(d[0.0], 4), round(d[1.0], 4))
@@ -630,13 +630,13 @@ def test_dop_and_timestep_settings_are_checked(tmp_path):
     with pytest.raises(InvalidInputError, match="dop_weight"):
         _cfg(tmp_path, dop_weight=-1.0, dop_class="dog")
     with pytest.raises(InvalidInputError, match="trigger word"):
-        loop.train(_model("zimage"), _cfg(tmp_path, instance_prompt="a photo of a dog", class_prompt="a photo of a cat",
+        runs.train(_model("zimage"), _cfg(tmp_path, instance_prompt="a photo of a dog", class_prompt="a photo of a cat",
                                           dop_weight=1.0, dop_class="dog", trigger="sks"), _squares(RED))
 
 
 @pytest.mark.parametrize("how", ["uniform", "logit_normal", "shifted"])
 def test_timestep_sampling(how, zmodel):
-    objective = loop._Objective(zmodel.pipe, "zimage", 0, how, 3.0)
+    objective = _Objective(zmodel.pipe, "zimage", 0, how, 3.0)
     noise, idx, sigma = objective.draw(list(range(2000)), (16, 2, 2))
     s = objective.sigmas[idx] if sigma is None else sigma
     assert noise.shape == (2000, 16, 2, 2) and 0.0 <= float(s.min()) and float(s.max()) <= 1.0
@@ -676,16 +676,16 @@ def test_ema_follows_diffusers_decay_schedule_on_the_cpu():
 
 def test_ema_lora_resumes_exactly_and_differs_from_the_trained_one(zmodel, tmp_path):
     kw = dict(steps=6, lr=3e-3, ema_decay=0.8)
-    full = loop.train(zmodel, _cfg(tmp_path, "full", **kw), _squares(RED))
+    full = runs.train(zmodel, _cfg(tmp_path, "full", **kw), _squares(RED))
     assert full.lora_ema is not None and not _same_lora(full.lora, full.lora_ema)
     assert full.lora_ema.metadata["ema_decay"] == "0.8"
     done = []
     cfg = _cfg(tmp_path, "split", checkpoint_every=2, **kw)
-    loop.train(zmodel, cfg, _squares(RED), on_step=lambda s, t, p: done.append(s), should_stop=lambda: len(done) >= 3)
+    runs.train(zmodel, cfg, _squares(RED), on_step=lambda s, t, p: done.append(s), should_stop=lambda: len(done) >= 3)
     assert {"ema.safetensors", "ema.json"} <= set(os.listdir(os.path.join(cfg.output_dir, "checkpoint-3")))
-    second = loop.train(zmodel, cfg.replace(resume="latest"), _squares(RED))
+    second = runs.train(zmodel, cfg.replace(resume="latest"), _squares(RED))
     assert _same_lora(second.lora, full.lora) and _same_lora(second.lora_ema, full.lora_ema)
-    assert loop.train(zmodel, _cfg(tmp_path, "off", steps=2), _squares(RED)).lora_ema is None
+    assert runs.train(zmodel, _cfg(tmp_path, "off", steps=2), _squares(RED)).lora_ema is None
     for bad in (1.0, -0.5, 1.5, float("nan")):
         with pytest.raises(InvalidInputError, match="ema_decay"):
             _cfg(tmp_path, ema_decay=bad)
@@ -699,10 +699,10 @@ def test_ema_with_the_text_encoder_trained_resumes_exactly_and_removes_its_hooks
     done = []
     cfg = _cfg(tmp_path, "split", checkpoint_every=2, **kw)
     with _one_thread():  # multi-threaded CPU conv gradients are not reproducible run to run
-        full = loop.train(model, _cfg(tmp_path, "full", **kw), _squares(RED, 64))
-        loop.train(model, cfg, _squares(RED, 64), on_step=lambda s, t, p: done.append(s),
+        full = runs.train(model, _cfg(tmp_path, "full", **kw), _squares(RED, 64))
+        runs.train(model, cfg, _squares(RED, 64), on_step=lambda s, t, p: done.append(s),
                    should_stop=lambda: len(done) >= 2)
-        second = loop.train(model, cfg.replace(resume="latest"), _squares(RED, 64))
+        second = runs.train(model, cfg.replace(resume="latest"), _squares(RED, 64))
     assert full.lora.touches_text_encoder and full.lora_ema is not None
     assert any("lora_te" in k or "text_encoder" in k for k in full.lora_ema.tensors)
     assert _same_lora(second.lora, full.lora) and _same_lora(second.lora_ema, full.lora_ema)
@@ -725,7 +725,7 @@ def test_lora_on_an_8_bit_base_lowers_the_loss_and_loads_in_diffusers(tmp_path):
     before = _state(model.denoiser)
     images = _squares(RED)
     base_loss = _eval_loss(model, images, "a photo of sks dog")
-    result = loop.train(model, _cfg(tmp_path, steps=25, lr=1e-2), images)
+    result = runs.train(model, _cfg(tmp_path, steps=25, lr=1e-2), images)
     assert all(v.dtype == torch.float32 for k, v in result.lora.tensors.items() if "lora" in k)
     assert _same_state(before, model.denoiser) and block.weight.dtype == torch.float8_e4m3fn
     with L.applied(model, [(result.lora, 1.0)]):
@@ -778,7 +778,7 @@ def test_block_offload_trains_the_same_lora_and_leaves_the_model_as_it_was(zmode
               with_prior_preservation=True, num_class_images=2, dop_weight=0.5, dop_class="dog",
               validation_every=2, validation_prompt="a photo of sks dog", validation_steps=1,
               training_adapter=_training_adapter(zmodel, tmp_path / "adapter.safetensors"))  # frozen, offloaded too
-    plain = loop.train(zmodel, _cfg(tmp_path, "plain", **kw), _squares(RED), class_images=_squares(BLUE))
+    plain = runs.train(zmodel, _cfg(tmp_path, "plain", **kw), _squares(RED), class_images=_squares(BLUE))
     between = []
 
     def on_step(step, total, preview):  # between steps: every frozen block weight parked, the LoRA where it was
@@ -786,7 +786,7 @@ def test_block_offload_trains_the_same_lora_and_leaves_the_model_as_it_was(zmode
         lora = [p for p in _block_params(denoiser) if p.requires_grad]
         between.append((all(bool(p.isnan().all()) for p in frozen), all(bool(p.isfinite().all()) for p in lora)))
 
-    offloaded = loop.train(zmodel, _cfg(tmp_path, "offloaded", offload_blocks=per_group, **kw), _squares(RED),
+    offloaded = runs.train(zmodel, _cfg(tmp_path, "offloaded", offload_blocks=per_group, **kw), _squares(RED),
                            class_images=_squares(BLUE), on_step=on_step)
     assert between == [(True, True)] * 3
     assert _same_lora(offloaded.lora, plain.lora) and offloaded.losses == plain.losses
@@ -805,8 +805,8 @@ def test_block_offload_on_an_8_bit_base(tmp_path, poisoned_parking, checkpointin
     model = load_model(ModelSpec(folder, dtype="fp8_e4m3fn"))
     before, hooks = _state(model.denoiser), _hooks(model.denoiser)
     cfg = _cfg(tmp_path, "plain", steps=3, gradient_checkpointing=checkpointing)
-    plain = loop.train(model, cfg, _squares(RED))
-    offloaded = loop.train(model, _cfg(tmp_path, "offloaded", steps=3, gradient_checkpointing=checkpointing,
+    plain = runs.train(model, cfg, _squares(RED))
+    offloaded = runs.train(model, _cfg(tmp_path, "offloaded", steps=3, gradient_checkpointing=checkpointing,
                                        offload_blocks=1), _squares(RED))
     assert _same_lora(offloaded.lora, plain.lora)
     assert _same_state(before, model.denoiser) and _hooks(model.denoiser) == hooks
@@ -817,17 +817,17 @@ def test_block_offload_resumes_bit_exactly(zmodel, tmp_path):
     import shutil
 
     kw = dict(steps=5, lr=3e-3, lr_scheduler="cosine", gradient_checkpointing=True)
-    full = loop.train(zmodel, _cfg(tmp_path, "full", **kw), _squares(RED))
+    full = runs.train(zmodel, _cfg(tmp_path, "full", **kw), _squares(RED))
     done = []
     cfg = _cfg(tmp_path, "split", checkpoint_every=2, offload_blocks=1, **kw)
-    first = loop.train(zmodel, cfg, _squares(RED), on_step=lambda s, t, p: done.append(s),
+    first = runs.train(zmodel, cfg, _squares(RED), on_step=lambda s, t, p: done.append(s),
                        should_stop=lambda: len(done) >= 3)
     assert first.stopped and first.step == 3
     shutil.copytree(first.checkpoint_dir, tmp_path / "copy" / "checkpoint-3")
-    second = loop.train(zmodel, cfg.replace(resume="latest"), _squares(RED))
+    second = runs.train(zmodel, cfg.replace(resume="latest"), _squares(RED))
     assert second.step == 5 and _same_lora(second.lora, full.lora) and second.losses == full.losses
     # and a run without offloading resumes the offloaded run's checkpoint
-    third = loop.train(zmodel, cfg.replace(resume="latest", offload_blocks=0, output_dir=str(tmp_path / "copy")),
+    third = runs.train(zmodel, cfg.replace(resume="latest", offload_blocks=0, output_dir=str(tmp_path / "copy")),
                        _squares(RED))
     assert third.step == 5 and _same_lora(third.lora, full.lora)
 
@@ -850,13 +850,13 @@ def test_block_offload_puts_the_model_back_after_an_error(zmodel, tmp_path, monk
 
     monkeypatch.setattr(type(block), "forward", failing)
     with pytest.raises(RuntimeError, match="injected failure"):
-        loop.train(zmodel, _cfg(tmp_path, "failed", steps=3, offload_blocks=1, gradient_checkpointing=checkpointing),
+        runs.train(zmodel, _cfg(tmp_path, "failed", steps=3, offload_blocks=1, gradient_checkpointing=checkpointing),
                    _squares(RED))
     monkeypatch.setattr(type(block), "forward", real)
     assert _same_state(before, denoiser) and _hooks(denoiser) == hooks
     # nothing of the failed run is left behind (hooks, saved-tensor hooks): a new run trains as on a fresh model
-    again = loop.train(zmodel, _cfg(tmp_path, "again", steps=2), _squares(RED))
-    fresh = loop.train(_model(), _cfg(tmp_path, "fresh", steps=2), _squares(RED))
+    again = runs.train(zmodel, _cfg(tmp_path, "again", steps=2), _squares(RED))
+    fresh = runs.train(_model(), _cfg(tmp_path, "fresh", steps=2), _squares(RED))
     assert _same_lora(again.lora, fresh.lora)
 
 
@@ -867,7 +867,7 @@ def test_block_offload_refuses_an_accelerate_offloaded_model(zmodel, tmp_path):
     add_hook_to_module(zmodel.denoiser.layers[0], ModelHook())
     try:
         with pytest.raises(InvalidInputError, match="offload_blocks cannot be combined with TurboLoader's offload"):
-            loop.train(zmodel, _cfg(tmp_path, steps=1, offload_blocks=1), _squares(RED))
+            runs.train(zmodel, _cfg(tmp_path, steps=1, offload_blocks=1), _squares(RED))
     finally:
         remove_hook_from_module(zmodel.denoiser.layers[0])
     assert _same_state(before, zmodel.denoiser)
@@ -908,7 +908,7 @@ def test_block_offload_on_cuda_keeps_the_lora_on_the_gpu_and_lowers_the_peak(tmp
     results = {}
     for name, blocks in (("plain", 0), ("offloaded", 1)):
         cfg = _cfg(tmp_path, name, steps=3, gradient_checkpointing=checkpointing, offload_blocks=blocks, memory="none")
-        results[name] = loop.train(model, cfg, _squares(RED), on_step=watch(name))
+        results[name] = runs.train(model, cfg, _squares(RED), on_step=watch(name))
     assert [w for w in where if w[0] == "offloaded"] == [("offloaded", {"cpu"}, {"cuda"})] * 3
     assert [w for w in where if w[0] == "plain"] == [("plain", {"cuda"}, {"cuda"})] * 3
     # the card held every block's weights before; now about one block's (1 of 8) at a time

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from turbobooth.manager.spec import ModelSpec, TurboModel
 from turbobooth.manager.tiny import build_tiny_sd1, build_tiny_zimage
-from turbobooth.trainer import cache, loop
+from turbobooth.trainer import cache, runs
 from turbobooth.trainer.config import TrainConfig
 
 RED = [(250, 20, 20), (235, 45, 15), (255, 0, 40)]
@@ -77,14 +77,14 @@ def test_resume_reads_the_cache_instead_of_the_encoders_and_stays_bit_exact(
     calls = encoder_calls(model)
     inst, cls = _squares(RED), _squares(BLUE)
     kw = dict(family=family, batch_size=2, with_prior_preservation=True, num_class_images=2, caption_dropout=0.3)
-    memory = loop.train(model, _cfg(tmp_path, "memory", **kw), inst, class_images=cls)
+    memory = runs.train(model, _cfg(tmp_path, "memory", **kw), inst, class_images=cls)
     assert not os.path.exists(os.path.join(tmp_path, "memory", cache.CACHE_FILE))  # off by default
 
     cfg = _cfg(tmp_path, "disk", cache_to_disk=True, checkpoint_every=2, **kw)
     assert cfg.trajectory_fingerprint() == _cfg(tmp_path, "memory", **kw).trajectory_fingerprint()
     done = []
     calls.update(vae=0, text_encoder=0)
-    first = loop.train(
+    first = runs.train(
         model, cfg, inst, class_images=cls, on_step=lambda s, t, p: done.append(s), should_stop=lambda: len(done) >= 2
     )
     assert first.stopped and first.step == 2
@@ -92,7 +92,7 @@ def test_resume_reads_the_cache_instead_of_the_encoders_and_stays_bit_exact(
     assert os.path.isfile(os.path.join(cfg.output_dir, cache.CACHE_FILE))
 
     calls.update(vae=0, text_encoder=0)
-    second = loop.train(model, cfg.replace(resume="latest"), inst, class_images=cls)
+    second = runs.train(model, cfg.replace(resume="latest"), inst, class_images=cls)
     assert calls == {"vae": 0, "text_encoder": 0}
     assert second.step == 4 and second.losses == memory.losses
     assert _same(second.lora, memory.lora)
@@ -103,7 +103,7 @@ def test_a_damaged_or_foreign_cache_is_ignored_with_one_warning_and_rebuilt(tmp_
     calls = encoder_calls(model)
     cfg = _cfg(tmp_path, steps=2, cache_to_disk=True)
     path = os.path.join(cfg.output_dir, cache.CACHE_FILE)
-    reference = loop.train(model, cfg, _squares(RED))
+    reference = runs.train(model, cfg, _squares(RED))
     good = open(path, "rb").read()
     damaged = good[:-1] + bytes([good[-1] ^ 0xFF])  # one byte of tensor data
     cases = (
@@ -119,7 +119,7 @@ def test_a_damaged_or_foreign_cache_is_ignored_with_one_warning_and_rebuilt(tmp_
         calls.update(vae=0, text_encoder=0)
         caplog.clear()
         with caplog.at_level("WARNING"):
-            result = loop.train(model, cfg, _squares(images))
+            result = runs.train(model, cfg, _squares(images))
         warnings = [r for r in caplog.records if "ignoring the data cache" in r.getMessage()]
         assert len(warnings) == 1 and what in warnings[0].getMessage(), (what, caplog.text)
         assert calls["vae"] == len(images), what  # encoded again ...
@@ -129,7 +129,7 @@ def test_a_damaged_or_foreign_cache_is_ignored_with_one_warning_and_rebuilt(tmp_
     calls.update(vae=0, text_encoder=0)
     caplog.clear()
     with caplog.at_level("WARNING"):
-        loop.train(model, cfg, _squares(BLUE))
+        runs.train(model, cfg, _squares(BLUE))
     assert calls == {"vae": 0, "text_encoder": 0} and "data cache" not in caplog.text
     assert not [n for n in os.listdir(cfg.output_dir) if n.endswith(".tmp")]
 
@@ -181,10 +181,10 @@ def test_offloaded_encoders_leave_the_gpu_whether_encoded_or_read_from_the_cache
         where.append((pipe.vae.device.type, pipe.text_encoder.device.type))
 
     cfg = _cfg(tmp_path, steps=2, checkpoint_every=1, cache_to_disk=True, offload_encoders=True, memory="none")
-    first = loop.train(model, cfg, _squares(RED), on_step=on_step, should_stop=lambda: len(where) >= 1)
+    first = runs.train(model, cfg, _squares(RED), on_step=on_step, should_stop=lambda: len(where) >= 1)
     assert first.stopped and where == [("cpu", "cpu")] and calls["vae"] == len(RED)
     assert pipe.vae.device.type == "cuda"  # back where the loader put it
     calls.update(vae=0, text_encoder=0)
-    second = loop.train(model, cfg.replace(resume="latest"), _squares(RED), on_step=on_step)
+    second = runs.train(model, cfg.replace(resume="latest"), _squares(RED), on_step=on_step)
     assert second.step == 2 and calls == {"vae": 0, "text_encoder": 0}
     assert where == [("cpu", "cpu")] * 2 and pipe.text_encoder.device.type == "cuda"

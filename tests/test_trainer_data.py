@@ -8,7 +8,7 @@ from PIL import Image
 from turbobooth.manager.errors import InvalidInputError
 from turbobooth.manager.spec import ModelSpec, TurboModel
 from turbobooth.manager.tiny import build_tiny_sd1, build_tiny_zimage
-from turbobooth.trainer import loop
+from turbobooth.trainer import runs
 from turbobooth.trainer.cache import cache_data
 from turbobooth.trainer.config import TrainConfig
 from turbobooth.trainer.data import bucket_size, caption_lines, load_images, prepare_image, with_captions
@@ -114,10 +114,10 @@ def test_captions_setting_replaces_the_image_captions_in_order(zmodel, tmp_path)
     data = cache_data(zmodel.pipe, "zimage", cfg, images, None, "cpu")
     assert [data.prompts[i] for i in data.inst_prompt] == ["sks on grass", "a photo of sks dog", "a sks toy"]
     with pytest.raises(InvalidInputError, match="2 captions were given for 3 instance images"):
-        loop.train(zmodel, cfg.replace(captions=("a", "b")), str(folder))
+        runs.train(zmodel, cfg.replace(captions=("a", "b")), str(folder))
     nameless = cfg.replace(instance_prompt="a photo of a dog", class_prompt="a photo of a dog")
     with pytest.raises(InvalidInputError, match=r"caption of .*0\.png uses \[trigger\]"):
-        loop.train(zmodel, nameless, str(folder))
+        runs.train(zmodel, nameless, str(folder))
 
 
 def test_captions_are_part_of_the_trajectory(zmodel, tmp_path):
@@ -125,9 +125,9 @@ def test_captions_are_part_of_the_trajectory(zmodel, tmp_path):
     assert cfg.trajectory_fingerprint() != cfg.replace(captions=("", "", "")).trajectory_fingerprint()
     assert cfg.replace(captions=()).trajectory_fingerprint() == _cfg(tmp_path, steps=1).trajectory_fingerprint()
     folder = str(_caption_folder(tmp_path))
-    loop.train(zmodel, cfg, folder)
+    runs.train(zmodel, cfg, folder)
     with pytest.raises(InvalidInputError, match=r"settings differ \(captions\)"):
-        loop.train(zmodel, cfg.replace(resume="latest", captions=("[trigger] on sand", "", "")), folder)
+        runs.train(zmodel, cfg.replace(resume="latest", captions=("[trigger] on sand", "", "")), folder)
 
 
 def test_caption_that_is_not_utf8_is_a_clear_error(tmp_path):
@@ -164,13 +164,13 @@ def test_resume_is_bit_exact_with_buckets_captions_and_dropout(family, tmp_path,
     classes = [Image.new("RGB", (32, 32), c) for c in ((90, 90, 90), (120, 60, 30))]
     kw = dict(family=family, steps=4, batch_size=2, caption_dropout=0.3, with_prior_preservation=True,
               num_class_images=2, lr=3e-3)
-    full = loop.train(model, _cfg(tmp_path, "full", **kw), str(folder), class_images=classes)
+    full = runs.train(model, _cfg(tmp_path, "full", **kw), str(folder), class_images=classes)
     done = []
     cfg = _cfg(tmp_path, "split", checkpoint_every=2, **kw)
-    first = loop.train(model, cfg, str(folder), class_images=classes, on_step=lambda s, t, p: done.append(s),
+    first = runs.train(model, cfg, str(folder), class_images=classes, on_step=lambda s, t, p: done.append(s),
                        should_stop=lambda: len(done) >= 2)
     assert first.stopped and first.step == 2
-    second = loop.train(model, cfg.replace(resume="latest"), str(folder), class_images=classes)
+    second = runs.train(model, cfg.replace(resume="latest"), str(folder), class_images=classes)
     assert second.step == 4 and second.losses == full.losses
     assert _same(second.lora, full.lora)
     assert all(torch.isfinite(v).all() for v in full.lora.tensors.values())

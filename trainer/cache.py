@@ -21,6 +21,7 @@ from typing import Any
 
 from ..manager.errors import Interrupted, TurboBoothError, get_logger
 from ..manager.families import defaults_for
+from ..manager.paths import atomic_file
 from . import objective as O
 
 logger = get_logger(__name__)
@@ -43,7 +44,6 @@ def _batched(latents: list) -> Any:
 
 def _encode_latents(pipe, family: str, images: list, device, should_stop: Callable[[], bool] | None = None) -> Any:
     """The images' latents (frozen VAE, the family's shift and scale), :func:`_batched`."""
-    import numpy as np
     import torch
 
     vae = pipe.vae
@@ -51,8 +51,7 @@ def _encode_latents(pipe, family: str, images: list, device, should_stop: Callab
     with torch.no_grad():
         for img in images:
             _check_stop(should_stop, "caching image latents")
-            arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0  # RGB 0..255 -> -1..1
-            px = torch.from_numpy(arr).permute(2, 0, 1).contiguous().unsqueeze(0).to(device=device, dtype=vae.dtype)
+            px = pipe.image_processor.preprocess(img).contiguous().to(device=device, dtype=vae.dtype)  # -1..1
             lat = vae.encode(px).latent_dist.mode().float()
             if family == "zimage":
                 lat = (lat - vae.config.shift_factor) * vae.config.scaling_factor
@@ -145,8 +144,6 @@ def save(path: str, key: str, tensors: dict) -> None:
     """Write the cache atomically; a failed write only warns (the run goes on with the tensors in memory)."""
     from safetensors.torch import save_file
 
-    from ..manager.paths import atomic_file
-
     owned = {n: t.detach().to("cpu").contiguous().clone() for n, t in tensors.items()}
     meta = {"format": _FORMAT, "key": key, "sha256": _digest(owned)}
     try:  # atomic_file checks the folder and creates it
@@ -170,10 +167,9 @@ def train_data(
     """The run's :class:`~.objective.TrainData` with its tensors: read from ``folder``'s cache file when it
     matches, else encoded and, when ``write``, saved there. ``folder=None``: in memory only."""
     data = O.plan_prompts(config, instance, class_data)
-    images = {"instance": instance, "class": class_data or []}
     prompts = [] if config.train_text_encoder else data.prompts  # a trained text encoder runs every step
-    counts = {"instance": len(instance), "class": len(class_data or []), "embed": len(prompts)}
-    names = [f"{what}.{i}" for what, n in counts.items() for i in range(n)]
+    parts = {"instance": instance, "class": class_data or [], "embed": prompts}
+    names = [f"{what}.{i}" for what, items in parts.items() for i in range(len(items))]
     path = key = tensors = None
     if folder is not None:
         path = os.path.join(folder, CACHE_FILE)
@@ -183,15 +179,15 @@ def train_data(
         logger.info("read the cached latents and prompt embeddings from %s", path)
     else:
         tensors = {}
-        for what, items in images.items():
-            latents = _encode_latents(pipe, family, [t.image for t in items], device, should_stop)
+        for what in ("instance", "class"):
+            latents = _encode_latents(pipe, family, [t.image for t in parts[what]], device, should_stop)
             tensors.update({f"{what}.{i}": t for i, t in enumerate(latents)})
         for j, p in enumerate(prompts):
             _check_stop(should_stop, "encoding prompts")
             tensors[f"embed.{j}"] = _encode_prompt(pipe, family, p, device)
         if folder is not None and write:
             save(path, key, tensors)
-    stored = {what: [tensors[f"{what}.{i}"] for i in range(n)] for what, n in counts.items()}
+    stored = {what: [tensors[f"{what}.{i}"] for i in range(len(items))] for what, items in parts.items()}
     data.inst_latents = _batched(stored["instance"])
     data.class_latents = None if class_data is None else _batched(stored["class"])
     data.embeds = stored["embed"]

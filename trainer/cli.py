@@ -61,7 +61,7 @@ def load_pipeline_model(source: str, family: str, revision: str | None, device: 
 def run_train(args) -> int:
     from ..manager.lora import save_lora_file
     from .config import TrainConfig
-    from .loop import train
+    from .runs import train
 
     overrides = {k: getattr(args, k) for k in _OVERRIDES if getattr(args, k) is not None}
     cfg = TrainConfig.load(args.config).replace(**overrides)

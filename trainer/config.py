@@ -22,6 +22,7 @@ import yaml
 
 from ..manager.errors import InvalidInputError, check_choices
 from ..manager.families import FAMILIES
+from ..manager.inputs import MAX_SEED
 from ..manager.paths import atomic_file
 from .memory import PLANS
 
@@ -52,7 +53,6 @@ _NON_TRAJECTORY = frozenset(
 )
 
 
-SEED_MAX = 2**64 - 1
 _CHOICES = {"family": tuple(FAMILIES), "mixed_precision": ("auto", "no", "fp16", "bf16"),
             "lr_scheduler": ("constant", "cosine", "linear"), "train_mode": ("lora", "full"),
             "optimizer": ("adamw", "adamw8bit"), "timestep_sampling": ("uniform", "logit_normal", "shifted"),
@@ -230,7 +230,7 @@ def _text(value) -> bool:
 # Integer settings whose range is not ">= 1": (lowest, highest or None, what the values mean).
 _INT_RANGES = {
     **dict.fromkeys(("lr_warmup_steps", "checkpoint_every", "validation_every"), (0, None, "")),
-    **dict.fromkeys(("seed", "validation_seed"), (0, SEED_MAX, "")),
+    **dict.fromkeys(("seed", "validation_seed"), (0, MAX_SEED, "")),
     "offload_blocks": (0, None, ": 0 = off, N = transformer blocks kept on the GPU at a time while the other "
                        "blocks' frozen weights wait on the CPU (1 = the least memory)"),
 }

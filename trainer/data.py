@@ -36,8 +36,6 @@ def _to_pil_list(images) -> list:
 
     if images is None:
         return []
-    if len(getattr(images, "shape", ())) == 4:
-        images = list(images)
     out = []
     for i, item in enumerate(images):
         if hasattr(item, "detach"):

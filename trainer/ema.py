@@ -64,11 +64,3 @@ def swapped_in(ema, params):
         yield
     finally:
         ema.restore(params)
-
-
-def export(ema, params, make_lora):
-    """``make_lora()`` with the averaged weights swapped in; None without an EMA."""
-    if ema is None:
-        return None
-    with swapped_in(ema, params):
-        return make_lora()

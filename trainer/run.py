@@ -1,10 +1,17 @@
-"""One DreamBooth training run: :class:`Run` with ``setup``, ``step``, ``checkpoint`` and ``finish``.
+"""One DreamBooth training run: :class:`Run` with ``setup``, ``step``, ``checkpoint`` and ``finish``, driven by
+:func:`~.runs.train`.
 
 accelerate owns the state (optimizer, schedule, RNG, checkpoints, logging; see :mod:`.state`); diffusers and
 peft own the adapters (see :mod:`.adapters`). The shared model stays on the device TurboLoader chose (with
 ``offload_blocks`` its blocks' frozen weights wait on the CPU during the run, see :mod:`.offload`), and the
-caller holds ``model.lock`` for the whole run so sampling never touches the model meanwhile. Full fine-tunes
-(SD1.x) train deep copies and return a new TurboModel.
+caller holds ``model.lock`` for the whole run so sampling never touches the model meanwhile.
+
+* The cached base pipeline is never changed for good: LoRA training adds a peft adapter through diffusers
+  and unloads it afterwards; full fine-tunes (SD1.x) train deep copies and return a new TurboModel.
+* Everything random in a step is a pure function of ``(seed, sample position)`` (:mod:`.objective`), and
+  accelerate's ``save_state``/``load_state`` keep the optimizer, schedule and RNG, so a resumed run is
+  bit-identical to an uninterrupted one on CPU.
+* Checkpoints are ``checkpoint-<step>`` folders, written whole or not at all.
 """
 
 from __future__ import annotations
@@ -48,7 +55,7 @@ class TrainResult:
 
 
 class Run:
-    """State of one run. ``train()`` is ``setup``, ``step`` until done or stopped, ``finish``, then ``close``."""
+    """One run: ``setup``, ``step`` until done or stopped, ``finish``, then ``close`` (as :func:`~.runs.train` does)."""
 
     def __init__(self, model, config: TrainConfig, on_step: Callable | None = None,
                  should_stop: Callable[[], bool] | None = None):
@@ -264,8 +271,8 @@ class Run:
         return float(acc.reduce(torch.tensor([flag], device=acc.device), reduction="sum")) > 0
 
     def _diverged(self, step: int, loss: float | None = None) -> InvalidInputError:
-        what = f"loss became {'NaN' if loss is not None and math.isnan(loss) else 'infinite'}" if loss is not None \
-            else "the weights became NaN or infinite"
+        what = ("the weights became NaN or infinite" if loss is None
+                else f"loss became {'NaN' if math.isnan(loss) else 'infinite'}")
         return InvalidInputError(
             f"{what} at step {step}; lower the learning rate (lr={self.config.lr:g}) or max_grad_norm, or use "
             "mixed_precision='no'. Nothing non-finite was saved"
@@ -338,8 +345,9 @@ class Run:
         if self.lora_mode:
             name, te = os.path.basename(self.output_dir.rstrip(os.sep)) or "lora", self.text_encoder if self.train_te else None
             lora = A.export_lora(self.model, cfg, te, meta, name)
-            lora_ema = E.export(self.ema, self.params, lambda: A.export_lora(
-                self.model, cfg, te, {**meta, "ema_decay": cfg.ema_decay}, name + "_ema"))
+            if self.ema is not None:
+                with E.swapped_in(self.ema, self.params):
+                    lora_ema = A.export_lora(self.model, cfg, te, {**meta, "ema_decay": cfg.ema_decay}, name + "_ema")
         else:
             pipe = A.finetuned_pipeline(self.pipe, acc.unwrap_model(self.d_wrapped),
                                         acc.unwrap_model(self.te_wrapped) if self.train_te else None)

@@ -1,4 +1,6 @@
-"""Run folders: queueing the same training again resumes it, and a finished run is reused from disk.
+"""Training entry points: :func:`train` runs one :class:`~.run.Run` in ``config.output_dir``, and
+:func:`train_in_run_folder` picks that folder, so queueing the same training again resumes it and a finished
+run is reused from disk.
 
 A run folder is named by what decides the weights: the model identity, the trajectory settings
 (:meth:`TrainConfig.trajectory_fingerprint`, so a new validation prompt, checkpoint interval or more steps
@@ -19,7 +21,7 @@ from pathlib import Path
 from ..manager.errors import get_logger
 from ..manager.paths import atomic_file, safe_name
 from .config import TrainConfig
-from .run import TrainResult, notify
+from .run import Run, TrainResult, notify
 from .state import list_checkpoints
 
 logger = get_logger(__name__)
@@ -160,6 +162,27 @@ def read_step_log(root: str, run_id: str) -> list[dict] | None:
     return [by_step[k] for k in sorted(by_step)]
 
 
+def train(model, config: TrainConfig, instance_images, class_images=None, on_step: Callable | None = None,
+          should_stop: Callable[[], bool] | None = None) -> TrainResult:
+    """Run DreamBooth on ``model`` (a TurboModel) in ``config.output_dir``; see :mod:`.run`.
+
+    ``instance_images``: PIL images, an IMAGE tensor [B,H,W,C] or a folder. ``class_images``: the same, or
+    ``None`` to generate/cache them when prior preservation is on. ``on_step(step, total, preview)`` is called
+    after each optimizer step (``preview`` is a PIL image on validation steps, else ``None``). When
+    ``should_stop()`` returns True the state is saved and a result with ``stopped=True`` is returned; running
+    again with ``resume="latest"`` continues from there. ``model.lock`` is held throughout.
+    """
+    run = Run(model, config, on_step=on_step, should_stop=should_stop)
+    with model.lock:
+        try:
+            run.setup(instance_images, class_images)
+            while run.global_step < run.config.steps and not run.stopped:
+                run.step()
+            return run.finish()
+        finally:
+            run.close()
+
+
 def train_in_run_folder(model, config: TrainConfig, root: str, run_name: str, instance_images, class_images=None,
                         on_step: Callable | None = None, should_stop: Callable[[], bool] | None = None,
                         on_run: Callable[[str], None] | None = None) -> TrainResult:
@@ -167,8 +190,6 @@ def train_in_run_folder(model, config: TrainConfig, root: str, run_name: str, in
 
     ``on_run(folder)`` is called once the folder is known; every step is logged there (:class:`StepLog`).
     """
-    from .loop import train
-
     folder = run_folder(root, run_name, model, config, instance_images, class_images)
     config = config.replace(output_dir=folder)
     done = load_finished(model, config) if config.train_mode == "lora" else None

@@ -105,7 +105,7 @@ def train_tiny_lora(tiny_root: str, out_dir: str, path: str, color=(250, 20, 20)
     from turbobooth.manager.spec import ModelSpec
     from turbobooth.manager.tiny import write_tiny_models
     from turbobooth.trainer.config import TrainConfig
-    from turbobooth.trainer.loop import train
+    from turbobooth.trainer.runs import train
 
     paths = write_tiny_models(tiny_root, formats=("diffusers",))
     model = get_model(ModelSpec(paths["zimage_diffusers"]))
