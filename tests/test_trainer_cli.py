@@ -59,6 +59,16 @@ def test_cli_reports_config_errors(tmp_path, zimage_folder):
     assert cli.main(["--config", str(bad)]) == cli.EXIT_ERROR
 
 
+def test_cli_overrides_are_checked_like_the_config(tmp_path, zimage_folder, caplog):
+    """An override that the config would refuse (steps 0, an empty output folder) is refused, never ignored."""
+    config = _setup(tmp_path, zimage_folder)
+    for flags, fragment in ((["--steps", "0"], "steps=0"), (["--output-dir", ""], "output_dir")):
+        caplog.clear()
+        assert cli.main(["--config", config, *flags]) == cli.EXIT_ERROR
+        assert fragment in caplog.text
+    assert not os.path.exists(tmp_path / "out"), "nothing is trained or written"
+
+
 @pytest.mark.slow
 def test_torchrun_two_cpu_processes(tmp_path, zimage_folder):
     config = _setup(tmp_path, zimage_folder, batch_size=1)
