@@ -167,20 +167,27 @@ def unet_to_ldm(state_dict: Mapping[str, Any], config: Mapping[str, Any]) -> dic
     lpb = config["layers_per_block"]
     if not isinstance(lpb, int):
         raise ModelSourceError("only UNets with the same layers_per_block on every level can be written")
-    per = lpb + 1
+    per, levels = lpb + 1, len(config["block_out_channels"])
     up_slot = [2 if "CrossAttn" in t else 1 for t in config["up_block_types"]]  # after the resnet and transformer
 
-    def n(level: str, j: str | int) -> int:  # the j-th block of a level, counted along its side
+    def n(level: str, j: str | int, blocks: int = per) -> int:  # the j-th block of a level, counted along its side
+        if int(level) >= levels or int(j) >= blocks:
+            raise IndexError  # a weight the config has no place for
         return int(level) * per + int(j)
+
+    def mid(kind: str, j: str) -> str:  # resnet, transformer, resnet
+        if int(j) > (1 if kind == "resnets" else 0):
+            raise IndexError
+        return f"middle_block.{2 * int(j) + _SLOT[kind]}."
 
     renames = (
         (rf"\.resnets\.(\d+)\.({'|'.join(_RESNET_TO_LDM)})\.", lambda m: f".resnets.{m[1]}.{_RESNET_TO_LDM[m[2]]}."),
         (
             r"^down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.",
-            lambda m: f"input_blocks.{1 + n(m[1], m[3])}.{_SLOT[m[2]]}.",
+            lambda m: f"input_blocks.{1 + n(m[1], m[3], lpb)}.{_SLOT[m[2]]}.",
         ),
         (r"^down_blocks\.(\d+)\.downsamplers\.0\.conv\.", lambda m: f"input_blocks.{1 + n(m[1], lpb)}.0.op."),
-        (r"^mid_block\.(resnets|attentions)\.(\d+)\.", lambda m: f"middle_block.{2 * int(m[2]) + _SLOT[m[1]]}."),
+        (r"^mid_block\.(resnets|attentions)\.(\d+)\.", lambda m: mid(m[1], m[2])),
         (
             r"^up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.",
             lambda m: f"output_blocks.{n(m[1], m[3])}.{_SLOT[m[2]]}.",
@@ -191,8 +198,11 @@ def unet_to_ldm(state_dict: Mapping[str, Any], config: Mapping[str, Any]) -> dic
     out = {}
     for key, value in state_dict.items():
         new = top.get(key, key)
-        for pattern, repl in renames:
-            new = re.sub(pattern, repl, new)
+        try:
+            for pattern, repl in renames:
+                new = re.sub(pattern, repl, new)
+        except IndexError:
+            new = ""
         if not new.startswith(_LDM_UNET_ROOTS):
             raise ModelSourceError(f"unexpected diffusers UNet weight {key!r}; the UNet layout is not SD1.x's")
         out[new] = value

@@ -433,6 +433,12 @@ def test_real_sd15_unet_layout_matches_diffusers_converter():
     assert ldm["input_blocks.3.0.op.weight"].shape == (320, 320, 3, 3)
     theirs = convert_ldm_unet_checkpoint({"model.diffusion_model." + k: v for k, v in ldm.items()}, dict(cfg))
     assert _shapes(theirs) == _shapes(sd)
+    # a weight the config has no place for is refused, never renamed into another block's slot
+    for extra in ("down_blocks.0.resnets.2.conv1.weight", "down_blocks.4.resnets.0.conv1.weight",
+                  "up_blocks.0.resnets.3.conv1.weight", "mid_block.attentions.1.proj_in.weight",
+                  "mid_block.resnets.2.conv1.weight", "add_embedding.linear_1.weight"):
+        with pytest.raises(ModelSourceError, match="layout is not SD1.x's"):
+            W.unet_to_ldm({**sd, extra: sd["conv_in.weight"]}, cfg)
 
 
 # ---------------------------------------------------------------------------
