@@ -25,12 +25,20 @@ NONE = "(none)"
 
 class Node:
     """A V1 node class: ``class X(Node, returns={"name": "TYPE", ...}, function="method")`` gives it
-    RETURN_NAMES, RETURN_TYPES and FUNCTION, and the TurboBooth menu unless ``category`` names another."""
+    RETURN_NAMES, RETURN_TYPES and FUNCTION, and the TurboBooth menu unless ``category`` names another.
+    A subclass of a node inherits what it does not give (and keeps a CATEGORY of its own)."""
 
-    def __init_subclass__(cls, returns: dict, function: str, category: str = "TurboBooth", **kwargs):
+    CATEGORY = "TurboBooth"
+
+    def __init_subclass__(cls, returns: dict | None = None, function: str | None = None, category: str | None = None,
+                          **kwargs):
         super().__init_subclass__(**kwargs)
-        cls.CATEGORY, cls.FUNCTION = category, function
-        cls.RETURN_NAMES, cls.RETURN_TYPES = tuple(returns), tuple(returns.values())
+        if category is not None:
+            cls.CATEGORY = category
+        if function is not None:
+            cls.FUNCTION = function
+        if returns is not None:
+            cls.RETURN_NAMES, cls.RETURN_TYPES = tuple(returns), tuple(returns.values())
 
 
 def _ask(method: str, kind: str) -> list[str]:

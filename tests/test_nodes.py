@@ -58,6 +58,19 @@ def test_every_node_id_is_prefixed_and_named():
     assert {"TurboLoader", "TurboSample", "NegativePrompt/CFG"} <= names
 
 
+def test_a_node_subclass_inherits_what_it_does_not_set():
+    """Other packs extend nodes by subclassing them, as V1 nodes allow."""
+    base = turbobooth.NODE_CLASS_MAPPINGS["TurboBoothSample"]
+
+    class MySample(base):
+        CATEGORY = "mine"
+
+    assert MySample.CATEGORY == "mine" and base.CATEGORY == "TurboBooth"
+    assert (MySample.RETURN_TYPES, MySample.RETURN_NAMES, MySample.FUNCTION) == (
+        base.RETURN_TYPES, base.RETURN_NAMES, base.FUNCTION)
+    assert MySample.INPUT_TYPES() == base.INPUT_TYPES()
+
+
 def test_loader_sample_gives_comfy_image_and_latent(tiny):
     model = load(tiny)
     images, latent = sample(model, prompt="a dog\na cat", images_per_prompt=2)
