@@ -25,7 +25,7 @@ DTYPES = ("auto", "fp32", "bf16", "fp16", "fp8_e4m3fn", "fp8_e5m2")
 OFFLOADS = ("none", "model", "sequential")
 KINDS = ("auto", "diffusers", "hub", "split", "single_file")
 CHECKPOINT_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
-REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+REPO_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*/[A-Za-z0-9_][A-Za-z0-9._-]*$")
 
 
 @dataclass(frozen=True)

@@ -395,6 +395,10 @@ def test_spec_validation_names_the_value():
         ModelSpec("x", offload="disk")
     with pytest.raises(InvalidInputError, match="split-file"):
         ModelSpec("x", kind="split")
+    # repo ids as the Hub accepts them (a name may start with "_"); a local folder of that name wins
+    assert ModelSpec("someuser/_my-model").resolved_kind() == "hub"
+    assert ModelSpec("Tongyi-MAI/Z-Image-Turbo").resolved_kind() == "hub"
+    assert ModelSpec("someuser/-bad").resolved_kind() == "diffusers"
 
 
 @pytest.mark.parametrize(
