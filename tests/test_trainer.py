@@ -233,6 +233,19 @@ def test_resume_is_bit_exact(zmodel, tmp_path):
     assert second.losses == full.losses
 
 
+def test_a_single_process_puts_nothing_on_accelerates_default_device(zmodel, tmp_path, monkeypatch):
+    """The loss and the stop flag are combined over processes only when there are several: accelerate's default
+    device (cuda:0) need not be the one the model was loaded on."""
+    import accelerate
+
+    seen = []
+    real = accelerate.Accelerator.reduce
+    monkeypatch.setattr(accelerate.Accelerator, "reduce", lambda self, t, *a, **k: seen.append(t.device) or
+                        real(self, t, *a, **k))
+    result = runs.train(zmodel, _cfg(tmp_path, "one", steps=3), _squares(RED), should_stop=lambda: False)
+    assert result.step == 3 and len(result.losses) == 3 and seen == []
+
+
 def test_pre_existing_or_generated_class_images_train_the_same(zmodel, tmp_path):
     kw = dict(steps=3, with_prior_preservation=True, num_class_images=2, class_steps=2,
               class_data_dir=str(tmp_path / "priors"))

@@ -207,7 +207,7 @@ class Run:
                                            prior_weight, self._dop()) / accum
             acc.backward(loss)
             step_loss += loss.detach().float().cpu()
-        mean_loss = float(acc.reduce(step_loss.to(acc.device), reduction="mean"))  # a copy in a single process
+        mean_loss = self._all(float(step_loss), "mean")
         if not math.isfinite(mean_loss):
             raise self._diverged(self.global_step + 1, mean_loss)
         if acc.sync_gradients and cfg.max_grad_norm:
@@ -264,11 +264,19 @@ class Run:
         return torch.stack([data.embeds[i] for i in prompt_index]).to(self.device)
 
     def _agreed_stop(self) -> bool:
+        acc = self.accelerator
+        flag = 1.0 if (self.should_stop is not None and acc.is_main_process and self.should_stop()) else 0.0
+        return self._all(flag, "sum") > 0
+
+    def _all(self, value: float, reduction: str) -> float:
+        """``value`` combined over the processes; as it is in a single process, where accelerate's default device
+        (cuda:0) need not be the model's."""
+        if self.world == 1:
+            return value
         import torch
 
         acc = self.accelerator
-        flag = 1.0 if (self.should_stop is not None and acc.is_main_process and self.should_stop()) else 0.0
-        return float(acc.reduce(torch.tensor([flag], device=acc.device), reduction="sum")) > 0
+        return float(acc.reduce(torch.tensor([value], dtype=torch.float32, device=acc.device), reduction=reduction))
 
     def _diverged(self, step: int, loss: float | None = None) -> InvalidInputError:
         what = ("the weights became NaN or infinite" if loss is None
