@@ -60,9 +60,10 @@ def test_cli_reports_config_errors(tmp_path, zimage_folder):
 
 
 def test_cli_overrides_are_checked_like_the_config(tmp_path, zimage_folder, caplog):
-    """An override that the config would refuse (steps 0, an empty output folder) is refused, never ignored."""
+    """An override that the config would refuse (steps 0, an empty folder or resume) is refused, never ignored."""
     config = _setup(tmp_path, zimage_folder)
-    for flags, fragment in ((["--steps", "0"], "steps=0"), (["--output-dir", ""], "output_dir")):
+    cases = ((["--steps", "0"], "steps=0"), (["--output-dir", ""], "output_dir"), (["--resume", ""], "resume"))
+    for flags, fragment in cases:
         caplog.clear()
         assert cli.main(["--config", config, *flags]) == cli.EXIT_ERROR
         assert fragment in caplog.text
